@@ -1,0 +1,84 @@
+"""The on-disk contracts between stages: protein DB shards, vocabulary, token shards."""
+import numpy as np
+import pytest
+
+from tokenfold.db import DBShard, ProteinDB, ProteinRecord, write_shard
+from tokenfold.shards import TokenDataset, TokenShardWriter, shard_done
+from tokenfold.utils import write_json_atomic
+from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab
+
+
+def _records():
+    rng = np.random.default_rng(0)
+    gap = np.zeros(5, bool); gap[3] = True
+    return [
+        ProteinRecord(id="a_A", aa="ACDEF", ss="DDVVL", ca=rng.normal(size=(5, 3)).astype(np.float32),
+                      plddt=np.arange(5, dtype=np.float32), gap_before=gap, source="structure", origin="x.pdb"),
+        ProteinRecord(id="seqonly", aa="MKV", source="fasta", origin="s.fa"),
+    ]
+
+
+def test_db_shard_roundtrip_and_split(tmp_path):
+    recs = _records()
+    write_shard(tmp_path / "shards/shard_00000.h5", recs[:1])
+    write_shard(tmp_path / "shards/shard_00001.h5", recs[1:])
+    write_json_atomic(tmp_path / "manifest.json", {"format": "tokenfold-db", "shards": [
+        {"file": "shards/shard_00000.h5", "n_entries": 1}, {"file": "shards/shard_00001.h5", "n_entries": 1}]})
+    np.save(tmp_path / "split.npy", np.array([2, 0], np.uint8))
+    db = ProteinDB(tmp_path)
+    assert len(db) == 2
+    a, b = db[0], db[1]
+    assert (a.id, a.aa, a.ss, a.split, a.n_breaks) == ("a_A", "ACDEF", "DDVVL", "test", 1)
+    np.testing.assert_array_equal(a.ca, recs[0].ca)
+    np.testing.assert_array_equal(a.plddt, recs[0].plddt)
+    assert (b.ss, b.ca, b.plddt, b.split, b.index) == (None, None, None, "train", 1)
+    assert [r.id for r in db.iter(split="train")] == ["seqonly"]
+    assert list(db.indices("test")) == [0]
+    # an excluded entry disappears from len/indexing but keeps its global position
+    np.save(tmp_path / "split.npy", np.array([3, 1], np.uint8))
+    db = ProteinDB(tmp_path)
+    assert len(db) == 1 and db[0].id == "seqonly" and db.global_index(0) == 1
+
+
+def test_record_length_mismatch_is_refused():
+    with pytest.raises(ValueError):
+        ProteinRecord(id="x", aa="ACD", ss="DD")
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_vocab_encode_decode_and_loss_mask(tmp_path, interleaved):
+    v = Vocab.for_kind("geo", n_struct=300, interleaved=interleaved)
+    codes = np.array([0, 299, 17])
+    ids = v.encode("MKX", codes)
+    aa, back = v.decode(ids)
+    assert aa == "MKX" and back.tolist() == codes.tolist()
+    mask = v.loss_mask(ids)
+    assert mask.sum() == 4 and ids[mask][-1] == EOS        # 3 structure tokens + <eos>
+    assert (v.labels(ids)[~mask] == IGNORE_INDEX).all()
+    assert np.array_equal(ids[: len(v.prompt("MKX"))], v.prompt("MKX"))
+    v.save(tmp_path / "vocab.json")
+    w = Vocab.load(tmp_path)
+    assert w.to_dict() == v.to_dict()
+
+
+def test_3di_vocab():
+    v = Vocab.for_kind("3di")
+    codes = v.threedi_codes("DVPL")
+    assert v.symbols(codes) == "DVPL" and v.n_struct == 20
+
+
+def test_token_shards_roundtrip(tmp_path):
+    v = Vocab.for_kind("3di")
+    w = TokenShardWriter(tmp_path, "train", 0)
+    ex = [v.encode("ACD", v.threedi_codes("DVL")), v.encode("MK", v.threedi_codes("PP"))]
+    w.add(ex[0], "p1", 5, 3); w.add(ex[1], "p2", 9, 2, crop_start=4)
+    assert not shard_done(tmp_path, "train", 0)
+    w.close()
+    assert shard_done(tmp_path, "train", 0)
+    w = TokenShardWriter(tmp_path, "train", 1); w.add(ex[1], "p3", 11, 2); w.close()
+    ds = TokenDataset(tmp_path, "train")
+    assert len(ds) == 3 and ds.ids.tolist() == ["p1", "p2", "p3"]
+    for i, e in enumerate([ex[0], ex[1], ex[1]]):
+        assert ds[i].tolist() == e.tolist()
+    assert ds.db_index.tolist() == [5, 9, 11] and ds.crop_start.tolist() == [0, 4, 0]
+    assert ds.n_tokens == sum(len(e) for e in [ex[0], ex[1], ex[1]])
