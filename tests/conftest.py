@@ -17,3 +17,77 @@ def need_shared(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"shared test data not found: {p}")
     return p
+
+
+# ----------------------------------------------------------------------------- stage 05 fixtures
+def foldseek_chains(min_len: int = 1, max_len: int = 10**9) -> list[tuple[str, str, str]]:
+    """(id, amino acids, 3Di) of the real chains in ../shared/data/foldseek_db (Foldseek's own FASTA
+    dumps), in file order, unique sequences, min_len <= length <= max_len. Skips when absent."""
+    db = need_shared("foldseek_db")
+
+    def read(path):
+        out, name = {}, None
+        for line in open(path):
+            line = line.strip()
+            if line.startswith(">"):
+                name = line[1:].split()[0]
+                out[name] = []
+            elif line:
+                out[name].append(line)
+        return {k: "".join(v) for k, v in out.items()}
+
+    aa, ss = read(db / "shared_aa.fasta"), read(db / "shared_3di.fasta")
+    seen, chains = set(), []
+    for name, seq in aa.items():
+        if name in ss and len(ss[name]) == len(seq) and min_len <= len(seq) <= max_len and seq not in seen:
+            seen.add(seq)
+            chains.append((name, seq, ss[name]))
+    return chains
+
+
+def write_threedi_tokens(root, splits: dict, shard_size: int = 64):
+    """A stage-04-format token directory (vocab.json + <split>/shard_*.bin/.idx.npz) of 3Di examples.
+
+    splits: {"train": [(id, aa, 3di), ...], "val": [...]}; returns root as a Path."""
+    from tokenfold.shards import TokenShardWriter
+    from tokenfold.vocab import Vocab
+
+    root = Path(root)
+    vocab = Vocab.for_kind("3di")
+    vocab.save(root / "vocab.json")
+    k = 0
+    for split, chains in splits.items():
+        for s in range(0, max(len(chains), 1), shard_size):
+            w = TokenShardWriter(root, split, s // shard_size)
+            for name, aa, ss in chains[s: s + shard_size]:
+                w.add(vocab.encode(aa, vocab.threedi_codes(ss)), name, k, len(aa))
+                k += 1
+            w.close()
+    return root
+
+
+# ----------------------------------------------------------------------------- stage 01 fixtures
+def small_db_inputs() -> list[Path]:
+    """Real structure files for `small_db`: the 50 HOMSTRAD chains of ../shared (25 families x 2,
+    so the MMseqs2 split has real homolog pairs to keep together), else the embedded default."""
+    homstrad = SHARED / "structures" / "foldseek_regression_homstrad"
+    if homstrad.is_dir():
+        return sorted(homstrad.iterdir())
+    from tokenfold.prepare import embedded_default_inputs
+
+    return embedded_default_inputs()
+
+
+@pytest.fixture(scope="session")
+def small_db(tmp_path_factory) -> Path:
+    """A finished stage-01 DB (manifest.json, split.npy, ...) of ~50 real chains with 3Di and
+    C-alpha, train/val/test all non-empty, built through the real `tokenfold.prepare.run`.
+    Read it with `tokenfold.db.ProteinDB(small_db)`; do not modify it (session-scoped, shared)."""
+    from tokenfold.prepare import Inputs, PrepareOptions, SplitOptions, run
+
+    out = tmp_path_factory.mktemp("small_db") / "db"
+    run(Inputs(structures=[str(p) for p in small_db_inputs()]), out,
+        PrepareOptions(min_length=20, items_per_shard=32),
+        # easy-linclust: the same MMseqs2 split in 0.5 s instead of ~10 s of prefilter set-up
+        SplitOptions(seed=0, mmseqs_mode="linclust"))
+    return out

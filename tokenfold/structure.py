@@ -1,24 +1,43 @@
 """PDB/mmCIF parsing with gemmi, residue selection the way Foldseek does it, and 3Di with mini3di.
 
-Foldseek's rules (src/strucclustutils/GemmiWrapper.cpp, checked against ../shared/data/foldseek_db):
-first conformer (first altloc) of every residue; only residues of polymer or unknown entity type,
-from ATOM/HETATM records; only residues that have a CA atom; one entry per chain. We keep the first
-model only (Foldseek keeps all; NMR ensembles would otherwise give near-duplicate entries).
+Foldseek's rules (src/strucclustutils/GemmiWrapper.cpp `updateStructure`, structcreatedb.cpp),
+checked against ../shared/data/foldseek_db:
+
+* every gemmi chain of the structure is one entry; its residues are `chain.first_conformer()`;
+* only residues whose entity type is Polymer or Unknown, from ATOM/HETATM records, that have a CA;
+* within a residue the *last* atom of a name wins (Foldseek overwrites in a loop over all atoms);
+* amino acids through Foldseek's `threeToOneAA` table (modified residues -> parent, else X);
+* PDB files: Foldseek's bundled gemmi marks the residues of a chain that come after its first TER
+  record as non-polymer, so they are dropped. gemmi >= 0.7 (what pip installs) no longer does this
+  for ATOM records that continue a chain after a TER, so we replay Foldseek's TER rule ourselves
+  (`_foldseek_ter_exclusions`);
+* entry name: file name without its extension (two when it ends in `.gz`), then `_<chain>` when the
+  structure has more than one gemmi chain (all models counted, water/ligand-only chains included),
+  as Foldseek's default `--chain-name-mode 0` does. Foldseek would add `_MODEL_<n>` for multi-model
+  files; we keep the first model only (NMR ensembles would give near-duplicate entries), so we omit it.
+
+What we do differently, on purpose:
+
+* residues whose CA coordinates are not finite are dropped (Foldseek would store 0.0); a gap is
+  recorded where they were;
+* chains with N and C missing on most residues (C-alpha traces) get no 3Di: Foldseek rebuilds their
+  backbone with PULCHRA, which we do not have, so the entry is kept with `ss=None` (flagged);
+* residues that lack N or C keep their CA (as in Foldseek); mini3di gives them 'D', as Foldseek does
+  for residues without a valid 3Di state.
 """
 from __future__ import annotations
 
 import gzip
-import io
+import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gemmi
 import numpy as np
 
-# Foldseek's three-letter -> one-letter table for the residues it reads (modified residues mapped to
-# their parent; anything else X). We map B/Z/O/U-like ambiguity codes to X as well (vocabulary is
-# the 20 standard amino acids + X).
+# Foldseek's threeToOneAA table (GemmiWrapper.cpp). Foldseek maps ASX->B, GLX->Z, PYL->O; our
+# alphabet is the 20 standard amino acids + X, so those three become X here.
 _THREE_TO_ONE = {
     "ALA": "A", "ARG": "R", "ASN": "N", "ASP": "D", "CYS": "C", "GLN": "Q", "GLU": "E", "GLY": "G",
     "HIS": "H", "ILE": "I", "LEU": "L", "LYS": "K", "MET": "M", "PHE": "F", "PRO": "P", "SER": "S",
@@ -41,6 +60,10 @@ _THREE_TO_ONE = {
 }
 
 GZIP_MAGIC = b"\x1f\x8b"
+#: consecutive C-alpha atoms further apart than this (Angstrom) are not bonded: a chain break.
+#: A trans peptide gives 3.80 A, cis ~2.9 A; 4.2 A leaves room for poorly refined geometry.
+BREAK_DISTANCE = 4.2
+_AF_NAME = re.compile(r"(^AF-[A-Z0-9]+-F\d+)|alphafold", re.IGNORECASE)
 
 
 class StructureError(Exception):
@@ -58,15 +81,54 @@ class Chain:
     c: np.ndarray
     cb: np.ndarray
     bfactor: np.ndarray  # float32 [L], B-factor of CA (pLDDT in AlphaFold models)
+    dropped_nonfinite: int = 0                 # residues dropped because their CA was not finite
+    gap_before: np.ndarray | None = None       # bool [L]: True where residue i is cut from i-1
 
     def __len__(self):
         return len(self.aa)
+
+    @property
+    def is_ca_trace(self) -> bool:
+        """True when most residues lack N or C (a C-alpha-only model): no meaningful 3Di."""
+        if len(self) == 0:
+            return True
+        has_bb = np.isfinite(self.n[:, 0]) & np.isfinite(self.c[:, 0])
+        return bool(has_bb.mean() < 0.5)
+
+
+@dataclass
+class ParsedFile:
+    """What one structure file gave: its chains and the facts that name and flag them."""
+
+    chains: list[Chain]
+    fmt: str                 # 'pdb' or 'cif'
+    n_models: int
+    n_gemmi_chains: int      # over all models, as Foldseek counts them for the `_<chain>` suffix
+    is_alphafold: bool       # an AlphaFold model (B-factor column holds pLDDT)
+    title: str = ""
+    notes: list[str] = field(default_factory=list)
 
 
 def three_to_one(name: str) -> str:
     return _THREE_TO_ONE.get(name.upper(), "X")
 
 
+def entry_name(path: str | Path) -> str:
+    """Foldseek's entry name of a file: basename minus one extension, or two when it ends in .gz."""
+    name = Path(path).name
+    strip = 2 if name.endswith(".gz") else 1
+    for _ in range(strip):
+        if "." in name:
+            name = name[: name.rfind(".")]
+    return name
+
+
+def chain_entry_id(base: str, chain: str, n_gemmi_chains: int) -> str:
+    """`base_<chain>` when the file has several chains, else `base` (Foldseek's chain-name mode 0)."""
+    return f"{base}_{chain}" if n_gemmi_chains > 1 else base
+
+
+# ----------------------------------------------------------------------------- reading
 def read_bytes(path: str | Path) -> bytes:
     """Raw file content, gunzipped when it starts with the gzip magic (whatever its name says)."""
     data = Path(path).read_bytes()
@@ -74,92 +136,238 @@ def read_bytes(path: str | Path) -> bytes:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError, zlib.error) as e:
-            raise StructureError(f"corrupt gzip: {e}") from None
+            raise StructureError(f"corrupt gzip: {str(e).splitlines()[0][:160]}") from None
     return data
 
 
 def sniff_format(text: str) -> str:
     """'cif' or 'pdb' from the content (files may have no or misleading extensions)."""
-    for line in text.splitlines()[:2000]:
+    for line in text.splitlines()[:5000]:
         s = line.strip()
-        if not s:
+        if not s or s.startswith("#"):
             continue
         if s.startswith("data_") or s.startswith("_atom_site.") or s.startswith("loop_"):
             return "cif"
-        if s[:6].rstrip() in ("ATOM", "HETATM", "HEADER", "REMARK", "CRYST1", "MODEL", "TITLE",
-                              "COMPND", "SOURCE", "SEQRES", "EXPDTA", "AUTHOR", "KEYWDS", "HELIX", "SHEET"):
+        if s[:6].rstrip() in ("ATOM", "HETATM", "MODEL"):
             return "pdb"
-    raise StructureError("not a structure (no PDB records or mmCIF data block)")
+    if re.search(r"^(ATOM  |HETATM)", text, re.M):
+        return "pdb"
+    raise StructureError("no atoms (no ATOM/HETATM records and no mmCIF data block)")
 
 
-def read_structure(path: str | Path) -> gemmi.Structure:
-    data = read_bytes(path)
+def _decode(data: bytes) -> str:
     if not data.strip():
-        raise StructureError("empty")
-    if b"\x00" in data[:4096]:
+        raise StructureError("empty file")
+    head = data[:8192]
+    if b"\x00" in head or sum(b < 9 or 13 < b < 32 for b in head) > len(head) // 100 + 1:
         raise StructureError("not a structure (binary content)")
     try:
-        text = data.decode("utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("latin-1")
+        return data.decode("latin-1")
+
+
+def _is_water(name: str) -> bool:
+    return name in ("HOH", "WAT", "H2O", "DOD", "D2O", "TIP", "TIP3", "SOL")
+
+
+def _foldseek_ter_exclusions(text: str) -> list[tuple[str, set]]:
+    """Replay the TER rule of the gemmi bundled with Foldseek on the first model of a PDB text.
+
+    Returns one (chain name, excluded residue keys) pair per gemmi chain of the first model, in
+    order. Residues created after the chain's TER record are non-polymer there, so Foldseek drops
+    them. A chain name that reappears after a TER-terminated chain of that name starts "after TER"
+    too. Residue key: (sequence number, insertion code, segment), as gemmi matches residues.
+    """
+    parts: list[tuple[str, set]] = []
+    first_is_polymer: dict[str, bool] = {}  # chain name -> first part of that name was TER-terminated
+    part_name = None
+    part_seen: set = set()
+    after_ter = False
+    in_model = False
+    models_done = 0
+    for line in text.splitlines():
+        rec = line[:6]
+        if line.startswith(("ATOM", "HETATM")):
+            if models_done:
+                break
+            name = line[20:22].strip()
+            if part_name is None or name != part_name:
+                after_ter = first_is_polymer.get(name, False)
+                first_is_polymer.setdefault(name, False)
+                parts.append((name, set()))
+                part_name, part_seen = name, set()
+            key = (line[22:26].strip(), line[26:27].strip(), line[72:76].strip())
+            if key not in part_seen:
+                part_seen.add(key)
+                if after_ter:
+                    parts[-1][1].add(key)
+            in_model = True
+        elif rec.startswith("TER"):
+            if part_name is None or after_ter:
+                continue
+            if len([p for p in parts if p[0] == part_name]) == 1:
+                first_is_polymer[part_name] = True
+            after_ter = True
+        elif rec.startswith("MODEL"):
+            part_name = None
+        elif rec.startswith("ENDMDL"):
+            if in_model:
+                models_done += 1
+            part_name = None
+        elif rec.rstrip() == "END":
+            break
+    return parts
+
+
+def _count_models(text: str) -> int:
+    return max(1, len(re.findall(r"^MODEL ", text, re.M)))
+
+
+def detect_alphafold(text: str, base: str) -> bool:
+    """AlphaFold models: AFDB ids (AF-<acc>-F<n>), 'alphafold' in the name or in the file header."""
+    if _AF_NAME.search(base):
+        return True
+    return "alphafold" in text[:20000].lower()
+
+
+def read_structure(path: str | Path) -> tuple[gemmi.Structure, str, str]:
+    """(gemmi structure, format 'pdb'|'cif', decoded text). Raises StructureError with the reason."""
+    text = _decode(read_bytes(path))
     fmt = sniff_format(text)
     try:
         if fmt == "cif":
-            return gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
-        return gemmi.read_pdb_string(text)
+            st = gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
+        else:
+            st = gemmi.read_pdb_string(text)
     except Exception as e:  # gemmi raises RuntimeError/ValueError with a useful message
-        raise StructureError(f"unparsable {fmt}: {str(e).splitlines()[0][:200]}") from None
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise StructureError(f"unparsable {fmt}: {msg}") from None
+    return st, fmt, text
 
 
-def extract_chains(st: gemmi.Structure) -> list[Chain]:
-    """Chains of the first model, residues selected as Foldseek does."""
+def extract_chains(st: gemmi.Structure, ter_exclusions: list[tuple[str, set]] | None = None) -> list[Chain]:
+    """Chains of the first model, residues selected as Foldseek does (see the module docstring)."""
     if len(st) == 0:
         raise StructureError("no atoms")
     model = st[0]
+    if ter_exclusions is not None and [p[0] for p in ter_exclusions] != [ch.name for ch in model]:
+        ter_exclusions = None  # chain layout differs from our replay: trust gemmi's entity types
+    keep_types = (gemmi.EntityType.Polymer, gemmi.EntityType.Unknown)
     out = []
-    for ch in model:
+    nan3 = (np.nan, np.nan, np.nan)
+    for k, ch in enumerate(model):
+        excl = ter_exclusions[k][1] if ter_exclusions is not None else None
         aa, ca, n, c, cb, bf = [], [], [], [], [], []
         for res in ch.first_conformer():
-            if res.entity_type not in (gemmi.EntityType.Polymer, gemmi.EntityType.Unknown):
+            if excl is not None:  # PDB: Foldseek's gemmi types everything Unknown/Polymer but these
+                if excl and (str(res.seqid.num), res.seqid.icode.strip(), res.segment.strip()) in excl:
+                    continue
+            elif res.entity_type not in keep_types:
                 continue
             if res.het_flag not in ("A", "H"):
                 continue
             a_ca = a_n = a_c = a_cb = None
-            for atom in res:
+            for atom in res:  # last atom of a name wins, as in Foldseek
                 nm = atom.name
-                if nm == "CA" and a_ca is None:
+                if nm == "CA":
                     a_ca = atom
-                elif nm == "N" and a_n is None:
+                elif nm == "N":
                     a_n = atom
-                elif nm == "C" and a_c is None:
+                elif nm == "C":
                     a_c = atom
-                elif nm == "CB" and a_cb is None:
+                elif nm == "CB":
                     a_cb = atom
             if a_ca is None:
                 continue
             aa.append(three_to_one(res.name))
-            ca.append(a_ca.pos.tolist())
+            p = a_ca.pos
+            ca.append((p.x, p.y, p.z))
             bf.append(a_ca.b_iso)
-            n.append(a_n.pos.tolist() if a_n is not None else [np.nan] * 3)
-            c.append(a_c.pos.tolist() if a_c is not None else [np.nan] * 3)
-            cb.append(a_cb.pos.tolist() if a_cb is not None else [np.nan] * 3)
-        if aa:
-            f32 = lambda v: np.asarray(v, dtype=np.float32).reshape(-1, 3)
-            out.append(Chain(ch.name, "".join(aa), f32(ca), f32(n), f32(c), f32(cb),
-                             np.asarray(bf, dtype=np.float32)))
+            n.append((a_n.pos.x, a_n.pos.y, a_n.pos.z) if a_n is not None else nan3)
+            c.append((a_c.pos.x, a_c.pos.y, a_c.pos.z) if a_c is not None else nan3)
+            cb.append((a_cb.pos.x, a_cb.pos.y, a_cb.pos.z) if a_cb is not None else nan3)
+        f32 = lambda v: np.asarray(v, dtype=np.float32).reshape(-1, 3)  # noqa: E731
+        out.append(Chain(ch.name, "".join(aa), f32(ca), f32(n), f32(c), f32(cb), np.asarray(bf, dtype=np.float32)))
     return out
+
+
+def parse_structure_file(path: str | Path) -> ParsedFile:
+    """Read one PDB/mmCIF file (plain or gzipped, any extension) into Foldseek-selected chains.
+
+    Chains come back in file order, including empty ones (no kept residue), so that callers can
+    tell "no protein chain" from "chain too short". Non-finite C-alpha residues are dropped here.
+    """
+    st, fmt, text = read_structure(path)
+    if len(st) == 0 or not any(len(ch) for ch in st[0]):
+        raise StructureError("no atoms")
+    excl = _foldseek_ter_exclusions(text) if fmt == "pdb" else None
+    chains = extract_chains(st, excl)
+    notes = []
+    for ch in chains:
+        ok = np.isfinite(ch.ca).all(axis=1)
+        gap = np.zeros(len(ch), dtype=bool)
+        if not ok.all():
+            ch.dropped_nonfinite = int((~ok).sum())
+            # the residue after a dropped run is not bonded to the one before the run
+            after = np.concatenate([[False], ~ok[:-1]])
+            gap = after
+            keep = np.flatnonzero(ok)
+            ch.aa = "".join(ch.aa[i] for i in keep)
+            ch.ca, ch.n, ch.c, ch.cb, ch.bfactor = ch.ca[keep], ch.n[keep], ch.c[keep], ch.cb[keep], ch.bfactor[keep]
+            gap = gap[keep]
+            notes.append(f"chain {ch.name}: dropped {ch.dropped_nonfinite} residues with non-finite C-alpha")
+        for arr in (ch.n, ch.c, ch.cb):  # a non-finite N/C/CB is a missing atom
+            arr[~np.isfinite(arr).all(axis=1)] = np.nan
+        ch.gap_before = gap | chain_breaks(ch.ca)
+        if len(ch):
+            ch.gap_before[0] = False
+    n_gemmi = sum(len(m) for m in st)
+    base = entry_name(path)
+    title = st.info["_struct.title"] if "_struct.title" in st.info else ""
+    return ParsedFile(chains=chains, fmt=fmt, n_models=len(st), n_gemmi_chains=n_gemmi,
+                      is_alphafold=detect_alphafold(text, base), title=title, notes=notes)
+
+
+# ----------------------------------------------------------------------------- geometry, 3Di
+def chain_breaks(ca: np.ndarray, threshold: float = BREAK_DISTANCE) -> np.ndarray:
+    """bool [L]: True at residue i when |CA_i - CA_{i-1}| > threshold (never at i = 0)."""
+    gap = np.zeros(len(ca), dtype=bool)
+    if len(ca) > 1:
+        d = np.linalg.norm(np.diff(ca.astype(np.float64), axis=0), axis=1)
+        gap[1:] = ~(d <= threshold)
+    return gap
+
+
+def segments(gap_before: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of residues between chain breaks."""
+    cuts = np.flatnonzero(gap_before[1:]) + 1 if len(gap_before) > 1 else np.array([], dtype=int)
+    bounds = [0, *cuts.tolist(), len(gap_before)]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1) if bounds[i + 1] > bounds[i]]
 
 
 _ENCODER = None
 
 
-def encode_3di(chain: Chain) -> str:
-    """Foldseek 3Di letters for a chain (mini3di). Residues without a valid state get 'D' as in Foldseek."""
+def _encoder():
     global _ENCODER
     if _ENCODER is None:
         import mini3di
 
         _ENCODER = mini3di.Encoder()
-    states = _ENCODER.encode_atoms(ca=chain.ca.astype(np.float64), cb=chain.cb.astype(np.float64),
-                                   n=chain.n.astype(np.float64), c=chain.c.astype(np.float64))
-    return _ENCODER.build_sequence(states)
+    return _ENCODER
+
+
+def encode_3di_arrays(ca: np.ndarray, n: np.ndarray, c: np.ndarray, cb: np.ndarray) -> str:
+    """Foldseek 3Di letters from backbone arrays (NaN = missing atom; such residues get 'D')."""
+    if len(ca) == 0:
+        return ""
+    enc = _encoder()
+    states = enc.encode_atoms(ca=ca.astype(np.float64), cb=cb.astype(np.float64),
+                              n=n.astype(np.float64), c=c.astype(np.float64))
+    return enc.build_sequence(states)
+
+
+def encode_3di(chain: Chain) -> str:
+    """Foldseek 3Di letters for a chain (mini3di). Residues without a valid state get 'D' as in Foldseek."""
+    return encode_3di_arrays(chain.ca, chain.n, chain.c, chain.cb)

@@ -1,0 +1,726 @@
+"""Stage 01: build the protein DB from structure files, Foldseek databases and FASTA files.
+
+How a run goes (01_prepare_db.py is the CLI):
+
+1. **Plan.** The inputs become one item list, in a fixed order: structure files (sorted by path),
+   then each Foldseek DB's entries (index order), then each FASTA file's records. DB shard k holds
+   items ``[k*items_per_shard, (k+1)*items_per_shard)``. The plan (and a fingerprint of inputs and
+   options) goes to ``work/plan.json``; a later run with other inputs refuses to mix them.
+2. **Shards.** Each DB shard is built independently: its per-shard report and rejects go to
+   ``work/``, then ``shards/shard_XXXXX.h5`` is written atomically, last. A shard whose file exists
+   is skipped, so a killed run resumes where it stopped. SLURM array tasks take shards round-robin
+   (`utils.my_units`); ``--workers`` parallelises structure parsing within a task.
+3. **Finalize** (automatic when unsharded, else ``--finalize`` once all tasks are done): merge the
+   per-shard rejects/reports, mark later duplicate ids as excluded, cluster the sequences with
+   MMseqs2 and deal whole clusters to train/val/test, then write split.npy, cluster.npy,
+   rejects.tsv, notes.tsv, report.json/png and, last, manifest.json.
+
+Entry ids: structure files as Foldseek names them (`structure.entry_name` + `_<chain>` for
+multi-chain files); when two input files have the same name, the second (in sorted path order)
+becomes ``name~2``, the third ``name~3``. Foldseek DB entries take the first word of their `_h`
+header; FASTA records the first word of their header. Ids that still collide (e.g. the same protein
+given twice) keep the first and exclude the later ones at finalize (split code 3, rejects line).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+import traceback
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from . import structure as S
+from .db import EXCLUDED, FORMAT, SPLITS, VERSION, ProteinRecord, write_shard
+from .utils import atomic_path, progress, read_json, write_json_atomic, write_text_atomic
+
+log = logging.getLogger("tokenfold.prepare")
+
+STD_AA = set("ACDEFGHIKLMNPQRSTVWY")
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# the mmCIF entries MDAnalysisTests ships as real, valid files (the others are deliberately broken,
+# truncated or customised copies); 1YJP ships twice (.cif and .cif.gz): the plain one is used
+_EMBEDDED_MMCIF = ("1BD2.cif.gz", "3KPR.cif.gz", "3PWP.cif.gz", "5PTI.cif.gz", "7ETN.cif.gz", "1YJP.cif")
+
+
+# ----------------------------------------------------------------------------- options
+@dataclass
+class PrepareOptions:
+    """Everything that changes what goes into the shards (part of the plan fingerprint)."""
+
+    min_length: int = 20
+    max_length: int = 5000
+    max_unknown: float = 0.1          # max fraction of X residues
+    min_plddt: float = 70.0           # mean pLDDT; only applies to entries that have pLDDT
+    plddt_from_bfactor: str = "auto"  # auto (AlphaFold models only) | yes | no
+    chain_breaks: str = "record"      # record (gap_before) | split (one entry per segment)
+    break_distance: float = S.BREAK_DISTANCE
+    items_per_shard: int = 5000
+
+    def __post_init__(self):
+        if self.plddt_from_bfactor not in ("auto", "yes", "no"):
+            raise ValueError(f"plddt_from_bfactor must be auto|yes|no, got {self.plddt_from_bfactor!r}")
+        if self.chain_breaks not in ("record", "split"):
+            raise ValueError(f"chain_breaks must be record|split, got {self.chain_breaks!r}")
+        if self.items_per_shard < 1:
+            raise ValueError("items_per_shard must be >= 1")
+        if not 0 <= self.max_unknown <= 1:
+            raise ValueError("max_unknown is a fraction in [0, 1]")
+
+
+@dataclass
+class SplitOptions:
+    """What the finalize step does with the entries (does not touch the shards)."""
+
+    fractions: tuple = (0.8, 0.1, 0.1)
+    min_seq_id: float = 0.3
+    coverage: float = 0.8
+    seed: int = 0
+    threads: int = 1
+    mmseqs: str | None = None         # path of the binary; None: $TOKENFOLD_MMSEQS or PATH
+    use_mmseqs: bool = True
+    mmseqs_mode: str = "cluster"      # cluster (easy-cluster) | linclust (easy-linclust)
+
+
+@dataclass
+class Inputs:
+    structures: list = field(default_factory=list)   # dirs, files or globs
+    foldseek_dbs: list = field(default_factory=list)  # DB prefixes
+    fasta: list = field(default_factory=list)         # FASTA files
+
+    def empty(self) -> bool:
+        return not (self.structures or self.foldseek_dbs or self.fasta)
+
+
+def embedded_default_inputs() -> list[Path]:
+    """The embedded default dataset: real PDB/mmCIF files that the PyPI package MDAnalysisTests ships.
+
+    MDAnalysisTests/data/dssp/*.pdb.gz (49 single chains; ``1mr1D_failing`` is a doctored copy of
+    1mr1D and is left out) plus the valid mmCIF entries of MDAnalysisTests/data/mmcif (each entry
+    once: 1BD2, 3KPR, 3PWP as .cif.gz rather than their .pdb.gz twins; 5PTI; 7ETN; 1YJP).
+    """
+    try:
+        import MDAnalysisTests
+    except ImportError as e:  # pragma: no cover - a hard requirement
+        raise RuntimeError("the embedded default dataset needs the MDAnalysisTests package "
+                           "(pip install MDAnalysisTests==2.11.0)") from e
+    data = Path(MDAnalysisTests.__file__).parent / "data"
+    pdbs = sorted(p for p in (data / "dssp").glob("*.pdb.gz") if "_failing" not in p.name)
+    cifs = [data / "mmcif" / name for name in _EMBEDDED_MMCIF if (data / "mmcif" / name).exists()]
+    if not pdbs:
+        raise RuntimeError(f"no embedded structures found under {data}")
+    return pdbs + cifs
+
+
+# ----------------------------------------------------------------------------- planning
+def expand_structure_args(args: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files from directories (recursive; hidden files skipped), plain paths and globs; sorted, unique."""
+    files: set[Path] = set()
+    for a in args:
+        p = Path(a)
+        if p.is_dir():
+            found = [f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        elif p.is_file():
+            found = [p]
+        else:
+            found = [Path(f) for f in glob.glob(str(a), recursive=True) if Path(f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"--structures {a}: no such file, directory or matching glob")
+        files.update(f.resolve() for f in found)
+    return sorted(files, key=str)
+
+
+def disambiguated_bases(files: Sequence[Path]) -> list[str]:
+    """Foldseek entry names of the files; repeated names get ~2, ~3, ... in file order."""
+    seen: Counter = Counter()
+    out = []
+    for f in files:
+        base = S.entry_name(f)
+        seen[base] += 1
+        out.append(base if seen[base] == 1 else f"{base}~{seen[base]}")
+    return out
+
+
+def fasta_record_offsets(path: str | os.PathLike) -> np.ndarray:
+    """Byte offsets of the '>' of each record (plus the file size at the end); chunked scan."""
+    path = Path(path)
+    size = path.stat().st_size
+    starts = []
+    prev = b"\n"
+    pos = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            arr = np.frombuffer(chunk, dtype=np.uint8)
+            gt = np.flatnonzero(arr == ord(">"))
+            if len(gt):
+                before = np.where(gt > 0, arr[np.maximum(gt - 1, 0)], ord(prev))
+                starts.append(pos + gt[before == ord("\n")])
+            prev = chunk[-1:]
+            pos += len(chunk)
+    offs = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+    return np.concatenate([offs.astype(np.int64), [size]])
+
+
+@dataclass
+class Plan:
+    structure_files: list[str]
+    structure_bases: list[str]
+    foldseek: list[dict]     # {"prefix", "n"}
+    fasta: list[dict]        # {"path", "n"}
+    options: dict
+    n_items: int
+    n_shards: int
+    fingerprint: str
+
+    def segments(self) -> list[tuple[str, int, int, int]]:
+        """(kind, source number, first global item, item count) in item order."""
+        segs, start = [], 0
+        if self.structure_files:
+            segs.append(("structure", 0, start, len(self.structure_files)))
+            start += len(self.structure_files)
+        for i, d in enumerate(self.foldseek):
+            segs.append(("foldseek", i, start, d["n"]))
+            start += d["n"]
+        for i, d in enumerate(self.fasta):
+            segs.append(("fasta", i, start, d["n"]))
+            start += d["n"]
+        return segs
+
+    def shard_range(self, k: int) -> tuple[int, int]:
+        ips = self.options["items_per_shard"]
+        return k * ips, min((k + 1) * ips, self.n_items)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return d
+
+
+def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
+    from .foldseek import FoldseekDB
+
+    files = expand_structure_args(inputs.structures) if inputs.structures else []
+    fdbs = []
+    for prefix in inputs.foldseek_dbs:
+        db = FoldseekDB(prefix)
+        fdbs.append({"prefix": str(Path(prefix).resolve()), "n": len(db)})
+    fas = []
+    for fa in inputs.fasta:
+        fa = Path(fa)
+        if not fa.is_file():
+            raise FileNotFoundError(f"--fasta {fa}: no such file")
+        fas.append({"path": str(fa.resolve()), "n": int(len(fasta_record_offsets(fa)) - 1)})
+    n_items = len(files) + sum(d["n"] for d in fdbs) + sum(d["n"] for d in fas)
+    ips = opts.items_per_shard
+    n_shards = (n_items + ips - 1) // ips
+    h = hashlib.sha256()
+    h.update(json.dumps(asdict(opts), sort_keys=True).encode())
+    for f in files:
+        h.update(f"{f}\t{f.stat().st_size}\n".encode())
+    for d in fdbs:
+        h.update(f"foldseek\t{d['prefix']}\t{d['n']}\n".encode())
+    for d in fas:
+        h.update(f"fasta\t{d['path']}\t{d['n']}\t{Path(d['path']).stat().st_size}\n".encode())
+    return Plan(structure_files=[str(f) for f in files], structure_bases=disambiguated_bases(files),
+                foldseek=fdbs, fasta=fas, options=asdict(opts), n_items=n_items, n_shards=n_shards,
+                fingerprint=h.hexdigest()[:16])
+
+
+# ----------------------------------------------------------------------------- per-item ingestion
+@dataclass
+class ItemResult:
+    """What one input item gave: kept records, rejects (input, chain, reason) and notes."""
+
+    records: list = field(default_factory=list)
+    rejects: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+
+def _filter_reason(aa: str, opts: PrepareOptions, plddt: np.ndarray | None = None) -> str | None:
+    L = len(aa)
+    if L == 0:
+        return "empty sequence"
+    if L < opts.min_length:
+        return f"shorter than min length: {L} residues < {opts.min_length}"
+    if L > opts.max_length:
+        return f"longer than max length: {L} residues > {opts.max_length}"
+    unk = aa.count("X") / L
+    if unk > opts.max_unknown:
+        return f"too many unknown residues: {unk:.0%} X > {opts.max_unknown:.0%}"
+    if plddt is not None and opts.min_plddt > 0:
+        m = float(np.mean(plddt))
+        if m < opts.min_plddt:
+            return f"low pLDDT: mean {m:.1f} < {opts.min_plddt:g}"
+    return None
+
+
+def ingest_structure_file(path: str, base: str, opts: PrepareOptions) -> ItemResult:
+    """One PDB/mmCIF file -> records (one per kept chain or segment). Never raises."""
+    res = ItemResult()
+    try:
+        pf = S.parse_structure_file(path)
+    except S.StructureError as e:
+        res.rejects.append((path, "", str(e)))
+        return res
+    except Exception as e:  # a parser bug must not stop the run; the reason says what happened
+        res.rejects.append((path, "", f"internal error while parsing: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"))
+        log.debug("parse failure %s\n%s", path, traceback.format_exc())
+        return res
+    for note in pf.notes:
+        res.notes.append((path, "", note))
+    if pf.n_models > 1:
+        res.notes.append((path, "", f"{pf.n_models} models: kept the first"))
+    use_plddt = opts.plddt_from_bfactor == "yes" or (opts.plddt_from_bfactor == "auto" and pf.is_alphafold)
+    chains = [c for c in pf.chains if len(c)]
+    if not chains:
+        res.rejects.append((path, "", "no protein chain (no polymer residue with a C-alpha atom)"))
+        return res
+    for ch in chains:
+        try:
+            _ingest_chain(res, path, base, pf, ch, use_plddt, opts)
+        except Exception as e:
+            res.rejects.append((path, ch.name, f"internal error: {type(e).__name__}: {str(e)[:160]}"))
+    return res
+
+
+def _ingest_chain(res: ItemResult, path: str, base: str, pf: S.ParsedFile, ch: S.Chain, use_plddt: bool,
+                  opts: PrepareOptions) -> None:
+    cid = S.chain_entry_id(base, ch.name, pf.n_gemmi_chains)
+    gap = S.chain_breaks(ch.ca, opts.break_distance)
+    if ch.gap_before is not None:
+        gap |= ch.gap_before  # where non-finite residues were dropped
+    if len(gap):
+        gap[0] = False
+    ca_trace = ch.is_ca_trace
+    if ca_trace:
+        res.notes.append((path, ch.name, "C-alpha trace (N/C missing on most residues): kept without 3Di"))
+    pieces = S.segments(gap) if opts.chain_breaks == "split" else [(0, len(ch))]
+    n_breaks = int(gap[1:].sum()) if len(gap) > 1 else 0
+    if n_breaks and opts.chain_breaks == "record":
+        res.notes.append((path, ch.name, f"{n_breaks} chain break(s) (CA-CA > {opts.break_distance:g} A) recorded in gap_before"))
+    for j, (a, b) in enumerate(pieces):
+        eid = cid if len(pieces) == 1 else f"{cid}_seg{j + 1}"
+        aa = ch.aa[a:b]
+        plddt = ch.bfactor[a:b].astype(np.float32) if use_plddt else None
+        reason = _filter_reason(aa, opts, plddt)
+        label = ch.name if len(pieces) == 1 else f"{ch.name}:seg{j + 1}"
+        if reason:
+            res.rejects.append((path, label, reason))
+            continue
+        ss = None
+        if not ca_trace:
+            ss = S.encode_3di_arrays(ch.ca[a:b], ch.n[a:b], ch.c[a:b], ch.cb[a:b])
+        g = gap[a:b].copy()
+        g[0] = False
+        res.records.append(ProteinRecord(id=eid, aa=aa, ss=ss, ca=np.ascontiguousarray(ch.ca[a:b], dtype=np.float32),
+                                         plddt=plddt, gap_before=g, source="structure", origin=path))
+
+
+def _clean_fasta_seq(raw: str) -> str:
+    s = "".join(raw.split()).upper().rstrip("*")
+    return "".join(c if c in STD_AA else "X" for c in s)
+
+
+def ingest_fasta_range(path: str, offsets: np.ndarray, a: int, b: int, opts: PrepareOptions) -> ItemResult:
+    """Records a..b-1 of a FASTA file (offsets from `fasta_record_offsets`)."""
+    res = ItemResult()
+    with open(path, "rb") as f:
+        f.seek(int(offsets[a]))
+        blob = f.read(int(offsets[b] - offsets[a])).decode("utf-8", errors="replace")
+    for rec in blob.split("\n>"):
+        rec = rec.lstrip(">")
+        header, _, body = rec.partition("\n")
+        pid = header.split()[0] if header.split() else ""
+        if not pid:
+            res.rejects.append((path, "", "FASTA record without an id"))
+            continue
+        aa = _clean_fasta_seq(body)
+        reason = _filter_reason(aa, opts)
+        if reason:
+            res.rejects.append((path, pid, reason))
+            continue
+        res.records.append(ProteinRecord(id=pid, aa=aa, source="fasta", origin=path))
+    return res
+
+
+def ingest_foldseek_range(prefix: str, a: int, b: int, opts: PrepareOptions) -> ItemResult:
+    """Entries a..b-1 of a Foldseek DB. Entries without 3Di / C-alpha are kept, flagged (has_ss/has_ca)."""
+    from .foldseek import FoldseekDB
+
+    res = ItemResult()
+    db = FoldseekDB(prefix)
+    if a == 0 and db.missing:
+        res.notes.append((prefix, "", f"database has no {', '.join(db.missing)}: entries kept without "
+                          + ", ".join({"_ss": "3Di", "_ca": "C-alpha", "_h": "header ids"}[m] for m in db.missing)))
+    batch = db.read_range(a, b)
+    lengths = batch.lengths
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    aa_all = batch.aa.tobytes().decode("ascii", "replace")
+    ss_all = batch.ss.tobytes().decode("ascii", "replace") if batch.ss is not None else None
+    gap_all = None
+    if batch.ca is not None:
+        gap_all = np.zeros(len(batch.ca), dtype=bool)
+        if len(batch.ca) > 1:
+            d = np.linalg.norm(np.diff(batch.ca, axis=0), axis=1)
+            gap_all[1:] = ~(d <= opts.break_distance)
+        gap_all[starts[:-1][lengths > 0]] = False
+    has_ss, has_ca = batch.has_ss.tolist(), batch.has_ca.tolist()
+    for j, pid in enumerate(batch.ids):
+        s, e = int(starts[j]), int(starts[j + 1])
+        aa = aa_all[s:e]
+        if not STD_AA.issuperset(aa):
+            aa = "".join(c if c in STD_AA else "X" for c in aa.upper())
+        reason = _filter_reason(aa, opts)
+        if reason:
+            res.rejects.append((f"{prefix}#{int(batch.keys[j])}", pid, reason))
+            continue
+        res.records.append(ProteinRecord(
+            id=pid, aa=aa,
+            ss=ss_all[s:e] if has_ss[j] else None,
+            ca=batch.ca[s:e] if has_ca[j] else None,
+            gap_before=gap_all[s:e] if has_ca[j] else None,
+            source="foldseek", origin=f"{prefix}#{int(batch.keys[j])}"))
+    return res
+
+
+# worker-process entry point (top level so that multiprocessing can pickle it)
+def _structure_job(job):
+    path, base, opts = job
+    return ingest_structure_file(path, base, opts)
+
+
+# ----------------------------------------------------------------------------- one DB shard
+def shard_paths(out: Path, k: int) -> dict[str, Path]:
+    return {"h5": out / "shards" / f"shard_{k:05d}.h5", "report": out / "work" / f"shard_{k:05d}.report.json",
+            "rejects": out / "work" / f"shard_{k:05d}.rejects.tsv", "notes": out / "work" / f"shard_{k:05d}.notes.tsv"}
+
+
+def _tsv_line(*cols) -> str:
+    return "\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in cols) + "\n"
+
+
+def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | None = None) -> dict:
+    """Ingest the items of DB shard k and write its files (h5 last). Returns the shard report."""
+    opts = PrepareOptions(**plan.options)
+    lo, hi = plan.shard_range(k)
+    t0 = time.time()
+    records: list[ProteinRecord] = []
+    rejects: list[tuple] = []
+    notes: list[tuple] = []
+    items = Counter()
+    kept = Counter()
+    rejected_items = Counter()
+    bar = progress(total=hi - lo, desc=f"shard {k}", unit="item")
+    for kind, src, start, n in plan.segments():
+        a, b = max(lo, start), min(hi, start + n)
+        if a >= b:
+            continue
+        la, lb = a - start, b - start
+        items[kind] += b - a
+        if kind == "structure":
+            jobs = [(plan.structure_files[i], plan.structure_bases[i], opts) for i in range(la, lb)]
+            results = pool.imap(_structure_job, jobs, chunksize=4) if pool is not None else map(_structure_job, jobs)
+            for r in results:
+                _collect(r, records, rejects, notes, kept, rejected_items, kind)
+                bar.update(1)
+        elif kind == "foldseek":
+            r = ingest_foldseek_range(plan.foldseek[src]["prefix"], la, lb, opts)
+            _collect(r, records, rejects, notes, kept, rejected_items, kind)
+            bar.update(b - a)
+        else:
+            path = plan.fasta[src]["path"]
+            offs = (fasta_offsets or {}).get(path)
+            if offs is None:
+                offs = fasta_record_offsets(path)
+                if fasta_offsets is not None:
+                    fasta_offsets[path] = offs
+            r = ingest_fasta_range(path, offs, la, lb, opts)
+            _collect(r, records, rejects, notes, kept, rejected_items, kind)
+            bar.update(b - a)
+    bar.close()
+    rep = _shard_report(k, lo, hi, records, rejects, notes, items, kept, rejected_items, time.time() - t0)
+    p = shard_paths(out, k)
+    write_text_atomic(p["rejects"], "".join(_tsv_line(*r) for r in rejects))
+    write_text_atomic(p["notes"], "".join(_tsv_line(*r) for r in notes))
+    write_json_atomic(p["report"], rep)
+    write_shard(p["h5"], records, {"shard": k, "first_item": lo, "end_item": hi, "plan": plan.fingerprint})
+    log.info("shard %d: items %d-%d, %d entries kept, %d rejected, %.1fs", k, lo, hi - 1, len(records), len(rejects), rep["seconds"])
+    return rep
+
+
+def _collect(r: ItemResult, records, rejects, notes, kept, rejected_items, kind):
+    records.extend(r.records)
+    rejects.extend(r.rejects)
+    notes.extend(r.notes)
+    kept[kind] += len(r.records)
+    rejected_items[kind] += len(r.rejects)
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split(" (")[0].strip()
+
+
+def _shard_report(k, lo, hi, records, rejects, notes, items, kept, rejected_items, seconds) -> dict:
+    ss_counts = Counter()
+    aa_counts = Counter()
+    for r in records:
+        aa_counts.update(r.aa)
+        if r.ss is not None:
+            ss_counts.update(r.ss)
+    return {
+        "shard": k, "items": [lo, hi], "seconds": round(seconds, 3),
+        "items_by_source": dict(items), "kept_by_source": dict(kept), "rejected_by_source": dict(rejected_items),
+        "rejected_by_reason": dict(Counter(_reason_kind(r[2]) for r in rejects)),
+        "notes_by_kind": dict(Counter(_reason_kind(n[2]) for n in notes)),
+        "n_entries": len(records), "n_residues": int(sum(r.length for r in records)),
+        "n_no_ss": sum(r.ss is None for r in records), "n_no_ca": sum(r.ca is None for r in records),
+        "n_plddt": sum(r.plddt is not None for r in records),
+        "n_with_breaks": sum(r.n_breaks > 0 for r in records),
+        "ss_counts": dict(ss_counts), "aa_counts": dict(aa_counts),
+    }
+
+
+# ----------------------------------------------------------------------------- the whole run
+FINAL_FILES = ("manifest.json", "split.npy", "cluster.npy", "rejects.tsv", "notes.tsv", "report.json", "report.png")
+
+
+class PlanMismatch(Exception):
+    pass
+
+
+def _remove_outputs(out: Path, shards: Iterable[int] | None) -> None:
+    """--overwrite: drop the final artifacts and the given shards (all shard files when None)."""
+    for name in FINAL_FILES:
+        (out / name).unlink(missing_ok=True)
+    if shards is None:
+        shutil.rmtree(out / "shards", ignore_errors=True)
+        shutil.rmtree(out / "work", ignore_errors=True)
+    else:
+        for k in shards:
+            for p in shard_paths(out, k).values():
+                p.unlink(missing_ok=True)
+
+
+def run(inputs: Inputs, out: str | os.PathLike, opts: PrepareOptions | None = None,
+        split_opts: SplitOptions | None = None, num_tasks: int = 1, task_index: int = 0, workers: int = 1,
+        finalize_only: bool = False, overwrite: bool = False) -> dict:
+    """Stage 01 end to end (or this SLURM array task's share of it). Returns a small status dict."""
+    opts = opts or PrepareOptions()
+    split_opts = split_opts or SplitOptions()
+    out = Path(out)
+    plan = make_plan(inputs, opts)
+    if plan.n_items == 0:
+        raise PlanMismatch("no input items: the given inputs hold no files or entries")
+    manifest = out / "manifest.json"
+    mine = list(range(plan.n_shards)) if finalize_only else _my_shards(plan.n_shards, num_tasks, task_index)
+    if overwrite and not finalize_only:
+        _remove_outputs(out, None if num_tasks == 1 else mine)
+    if manifest.exists():
+        m = read_json(manifest)
+        if m.get("plan") != plan.fingerprint:
+            raise PlanMismatch(f"{out} holds a finished DB built from other inputs/options "
+                               f"(plan {m.get('plan')} vs {plan.fingerprint}); use --overwrite or another --out")
+        log.info("%s is complete (%d entries); nothing to do (use --overwrite to rebuild)", out, m["n_entries"])
+        return {"status": "complete", "n_entries": m["n_entries"], "shards_built": 0}
+    plan_path = out / "work" / "plan.json"
+    if plan_path.exists():
+        old = read_json(plan_path)
+        if old.get("fingerprint") != plan.fingerprint:
+            raise PlanMismatch(f"{out} holds a partial DB from other inputs/options (plan {old.get('fingerprint')} "
+                               f"vs {plan.fingerprint}); use --overwrite or another --out")
+    else:
+        write_json_atomic(plan_path, {"fingerprint": plan.fingerprint, "n_items": plan.n_items,
+                                      "n_shards": plan.n_shards, "options": plan.options,
+                                      "structure_files": len(plan.structure_files),
+                                      "foldseek": plan.foldseek, "fasta": plan.fasta})
+    built = 0
+    if not finalize_only:
+        todo = [k for k in mine if not shard_paths(out, k)["h5"].exists()]
+        log.info("plan %s: %d items in %d DB shards; task %d/%d owns %d, %d to build",
+                 plan.fingerprint, plan.n_items, plan.n_shards, task_index, num_tasks, len(mine), len(todo))
+        pool = None
+        try:
+            if workers > 1 and todo and plan.structure_files:
+                pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers)
+            fasta_offsets: dict = {}
+            for k in todo:
+                build_shard(out, plan, k, pool, fasta_offsets)
+                built += 1
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    if num_tasks == 1 or finalize_only:
+        missing = [k for k in range(plan.n_shards) if not shard_paths(out, k)["h5"].exists()]
+        if missing:
+            raise PlanMismatch(f"cannot finalize: {len(missing)} of {plan.n_shards} DB shards are missing "
+                               f"(e.g. shard {missing[0]}); run the array tasks first")
+        man = finalize(out, plan, split_opts)
+        return {"status": "finalized", "n_entries": man["n_entries"], "shards_built": built}
+    log.info("task %d/%d done; run with --finalize once every array task has finished", task_index, num_tasks)
+    return {"status": "shards", "shards_built": built}
+
+
+def _my_shards(n_shards: int, num_tasks: int, task_index: int) -> list[int]:
+    from .utils import my_units
+
+    return my_units(n_shards, num_tasks, task_index)
+
+
+# ----------------------------------------------------------------------------- finalize
+def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
+    from . import split as SP
+    from .db import DBShard
+
+    t0 = time.time()
+    shard_infos, reports = [], []
+    ids_all, seqs_all, lengths_all, origins_all = [], [], [], []
+    for k in range(plan.n_shards):
+        p = shard_paths(out, k)
+        sh = DBShard(p["h5"])
+        a = sh.arrays
+        shard_infos.append({"file": f"shards/{p['h5'].name}", "n_entries": sh.n_entries, "n_residues": sh.n_residues})
+        offs = a["offsets"]
+        aa = a["aa"].tobytes().decode("ascii")
+        seqs_all.extend(aa[offs[j]:offs[j + 1]] for j in range(sh.n_entries))
+        ids_all.extend(a["id"].tolist())
+        origins_all.extend(a["origin"].tolist())
+        lengths_all.append(np.diff(offs))
+        sh.release()
+        reports.append(read_json(p["report"]))
+    n = len(ids_all)
+    if n == 0:
+        reasons = Counter()
+        for r in reports:
+            reasons.update(r["rejected_by_reason"])
+        top = ", ".join(f"{k} x{v}" for k, v in reasons.most_common(3)) or "no items"
+        raise PlanMismatch(f"nothing could be ingested ({top}); see {out / 'work'}/*.rejects.tsv")
+    lengths = np.concatenate(lengths_all)
+
+    # later duplicates of an id are excluded (kept in the shard files, hidden by ProteinDB)
+    first: dict[str, int] = {}
+    codes = np.zeros(n, dtype=np.uint8)
+    dup_rejects = []
+    for i, pid in enumerate(ids_all):
+        j = first.setdefault(pid, i)
+        if j != i:
+            codes[i] = EXCLUDED
+            dup_rejects.append((origins_all[i], pid, f"duplicate id: same id as entry #{j} from {origins_all[j]}; excluded (split code 3)"))
+    included = np.flatnonzero(codes != EXCLUDED)
+    inc_seqs = [seqs_all[i] for i in included]
+    clus = SP.cluster_sequences(inc_seqs, out / "work", split_opts.min_seq_id, split_opts.coverage,
+                                split_opts.threads, split_opts.mmseqs, split_opts.use_mmseqs,
+                                split_opts.mmseqs_mode)
+    inc_codes = SP.assign_splits(clus.rep, inc_seqs, split_opts.fractions, split_opts.seed)
+    codes[included] = inc_codes
+    cluster = np.full(n, -1, dtype=np.int64)
+    cluster[included] = included[clus.rep]
+
+    with atomic_path(out / "split.npy", suffix=".npy") as tmp:
+        np.save(tmp, codes)
+    with atomic_path(out / "cluster.npy", suffix=".npy") as tmp:
+        np.save(tmp, cluster)
+    rej_text = "".join(Path(shard_paths(out, k)["rejects"]).read_text() for k in range(plan.n_shards))
+    rej_text += "".join(_tsv_line(*r) for r in dup_rejects)
+    write_text_atomic(out / "rejects.tsv", rej_text)
+    write_text_atomic(out / "notes.tsv", "".join(Path(shard_paths(out, k)["notes"]).read_text() for k in range(plan.n_shards)))
+
+    report = _final_report(plan, reports, lengths, codes, cluster, clus, split_opts, len(dup_rejects))
+    report["seconds_finalize"] = round(time.time() - t0, 2)
+    from .report import write_report
+
+    write_report(out / "report.json", report)
+    _report_png(out / "report.png", report, lengths[codes != EXCLUDED])
+    manifest = {
+        "format": FORMAT, "version": VERSION, "stage": "01_prepare_db", "plan": plan.fingerprint,
+        "n_entries": n, "n_included": int(len(included)), "n_residues": int(lengths.sum()),
+        "shards": shard_infos,
+        "split_sizes": report["split"]["entries"],
+        "inputs": {"structure_files": len(plan.structure_files),
+                   "structure_dirs": sorted({str(Path(f).parent) for f in plan.structure_files})[:50],
+                   "foldseek": plan.foldseek, "fasta": plan.fasta},
+        "options": plan.options,
+        "split": {"method": clus.method, "detail": clus.detail, "fractions": list(split_opts.fractions),
+                  "min_seq_id": split_opts.min_seq_id, "coverage": split_opts.coverage, "seed": split_opts.seed},
+        "files": {"split": "split.npy", "cluster": "cluster.npy", "rejects": "rejects.tsv", "notes": "notes.tsv",
+                  "report": "report.json"},
+    }
+    write_json_atomic(out / "manifest.json", manifest)
+    log.info("finalized %s: %d entries (%d excluded duplicates), split %s by %s", out, n, len(dup_rejects),
+             report["split"]["entries"], clus.method)
+    return manifest
+
+
+def _final_report(plan, reports, lengths, codes, cluster, clus, split_opts, n_dups) -> dict:
+    tot = Counter()
+    by = {k: Counter() for k in ("items_by_source", "kept_by_source", "rejected_by_source", "rejected_by_reason",
+                                 "notes_by_kind", "ss_counts", "aa_counts")}
+    for r in reports:
+        for k in by:
+            by[k].update(r[k])
+        for k in ("n_entries", "n_residues", "n_no_ss", "n_no_ca", "n_plddt", "n_with_breaks"):
+            tot[k] += r[k]
+    if n_dups:
+        by["rejected_by_reason"]["duplicate id"] += n_dups
+    inc = codes != EXCLUDED
+    L = lengths[inc]
+    ss_total = sum(by["ss_counts"].values()) or 1
+    split_entries = {name: int((codes == c).sum()) for c, name in enumerate(SPLITS)}
+    split_clusters = {name: int(len(np.unique(cluster[codes == c]))) for c, name in enumerate(SPLITS)}
+    return {
+        "stage": "01_prepare_db", "plan": plan.fingerprint,
+        "counts": {"items": plan.n_items, "entries": int(tot["n_entries"]), "included": int(inc.sum()),
+                   "excluded_duplicates": n_dups, "residues": int(tot["n_residues"]),
+                   "without_3di": int(tot["n_no_ss"]), "without_ca": int(tot["n_no_ca"]),
+                   "with_plddt": int(tot["n_plddt"]), "with_chain_breaks": int(tot["n_with_breaks"])},
+        "by_source": {k: {"items": by["items_by_source"].get(k, 0), "kept": by["kept_by_source"].get(k, 0),
+                          "rejected": by["rejected_by_source"].get(k, 0)} for k in by["items_by_source"]},
+        "rejected_by_reason": dict(by["rejected_by_reason"].most_common()),
+        "notes_by_kind": dict(by["notes_by_kind"].most_common()),
+        "length": {"min": int(L.min()) if len(L) else 0, "p05": float(np.percentile(L, 5)) if len(L) else 0,
+                   "median": float(np.median(L)) if len(L) else 0, "mean": float(L.mean()) if len(L) else 0,
+                   "p95": float(np.percentile(L, 95)) if len(L) else 0, "max": int(L.max()) if len(L) else 0},
+        "split": {"method": clus.method, "detail": clus.detail,
+                  "fallback": clus.method != "mmseqs",
+                  "note": ("FALLBACK: MMseqs2 was not available, entries were split by exact-sequence hash; "
+                           "homologous chains may straddle splits") if clus.method != "mmseqs" else "",
+                  "entries": split_entries, "clusters": split_clusters,
+                  "fractions": list(split_opts.fractions), "seed": split_opts.seed,
+                  "min_seq_id": split_opts.min_seq_id, "coverage": split_opts.coverage},
+        "composition_3di": {c: round(by["ss_counts"].get(c, 0) / ss_total, 5) for c in sorted(by["ss_counts"])},
+        "composition_aa": {c: round(v / max(1, sum(by["aa_counts"].values())), 5) for c, v in sorted(by["aa_counts"].items())},
+        "options": plan.options,
+        "seconds_shards": round(sum(r["seconds"] for r in reports), 2),
+    }
+
+
+def _report_png(path: Path, report: dict, lengths: np.ndarray) -> None:
+    from .report import save_figure, subplots
+
+    fig, ax = subplots(4, ncols=2, size=4.5)
+    ax[0].hist(lengths, bins=min(50, max(5, len(lengths) // 3)), color="#4477aa")
+    ax[0].set(title=f"chain length (n={len(lengths)})", xlabel="residues", ylabel="entries")
+    comp = report["composition_3di"]
+    ax[1].bar(list(comp), list(comp.values()), color="#228833")
+    ax[1].set(title="3Di letter frequency", ylabel="fraction")
+    sp = report["split"]
+    names = list(sp["entries"])
+    ax[2].bar(names, [sp["entries"][k] for k in names], color="#ccbb44", label="entries")
+    ax[2].bar(names, [sp["clusters"][k] for k in names], color="#ee6677", width=0.4, label="clusters")
+    ax[2].legend()
+    ax[2].set(title=f"split ({sp['method']}{', FALLBACK' if sp['fallback'] else ''})")
+    rej = report["rejected_by_reason"]
+    if rej:
+        keys = list(rej)[:10]
+        ax[3].barh(keys, [rej[k] for k in keys], color="#aa3377")
+        ax[3].invert_yaxis()
+    ax[3].set(title=f"rejected items by reason (total {sum(rej.values())})")
+    save_figure(fig, path)
