@@ -1,0 +1,299 @@
+"""Run the TokenFold pipeline from Python or a notebook, through submitit.
+
+    from tokenfold.launcher import run_pipeline
+    result = run_pipeline("slurm/config/demo.env")            # SLURM when sbatch is on PATH, else local
+    result = run_pipeline("slurm/config/demo.env", cluster="local",
+                          overrides={"S05_ARGS": "--max-steps 20"})
+    for stage in result.stages:
+        print(stage.stage, stage.name, stage.status, stage.job_ids, f"{stage.seconds:.0f}s")
+    print(result.reports())
+
+    python -m tokenfold.launcher --config slurm/config/demo.env [--cluster local] [--from 05] [--until 04]
+
+It runs the same stages, through the same per-stage scripts (``slurm/NN_*.sbatch``, under bash) and
+with the same config as ``slurm/run_pipeline.sh``; only the submission differs: each stage is a
+submitit job (``AutoExecutor``: SLURM when available, local processes otherwise), a sharded stage
+with S<NN>_ARRAY > 1 is a job array (``map_array``) followed by a finalize job. The launcher waits for
+each stage before it submits the next, so a notebook sees every stage end; a failed stage raises
+`StageFailed` (with its log) and nothing after it is submitted. Stages whose final artifact exists are
+skipped (the test is run_pipeline.sh's, read from ``run_pipeline.sh --plan``), so calling it again
+after a failure resumes from the failed stage.
+
+Resources come from the config's S<NN>_{CPUS,MEM,TIME,GPUS,PARTITION,NODES,NTASKS_PER_NODE} and
+ACCOUNT/QOS/SBATCH_EXTRA, as for run_pipeline.sh. Requeue after preemption is run_pipeline.sh's job
+(stage 05's batch script requeues itself); a stage preempted under the launcher fails, and calling
+the launcher again resumes it from its last checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .config import ROOT, PipelineConfig, load_config
+
+PIPELINE_SCRIPT = ROOT / "slurm" / "run_pipeline.sh"
+DEFAULT_TIME_MIN = 24 * 60      # a stage with no S<NN>_TIME: this limit (submitit needs one)
+
+
+class StageFailed(RuntimeError):
+    """A stage's job failed; `log` is the path of its output, `tail` its last lines."""
+
+    def __init__(self, stage: str, name: str, job_id: str, log: str, tail: str):
+        self.stage, self.name, self.job_id, self.log, self.tail = stage, name, job_id, log, tail
+        super().__init__(f"stage {stage} {name} failed (job {job_id}); log: {log}\n{tail}")
+
+
+@dataclass
+class PlannedJob:
+    """One line of ``run_pipeline.sh --plan``: a stage's job (phase job), array or finalize job."""
+
+    stage: str
+    name: str
+    phase: str                 # job | array | finalize
+    status: str                # todo | complete
+    tasks: int
+    script: str
+    marker: str
+    reports: list[str]
+    args: list[str]
+    cpus: int
+    mem: str
+    time: str
+    gpus: int
+    partition: str
+    account: str
+    qos: str
+    nodes: str
+    ntasks_per_node: str
+    extra: str
+
+    @classmethod
+    def parse(cls, line: str) -> "PlannedJob":
+        f = dict(kv.split("=", 1) for kv in line.rstrip("\n").split("\t"))
+        return cls(stage=f["stage"], name=f["name"], phase=f["phase"], status=f["status"], tasks=int(f["tasks"]),
+                   script=f["script"], marker=f["marker"], reports=f["reports"].split(), args=shlex.split(f["args"]),
+                   cpus=int(f["cpus"] or 1), mem=f["mem"], time=f["time"], gpus=int(f["gpus"] or 0),
+                   partition=f["partition"], account=f["account"], qos=f["qos"], nodes=f["nodes"],
+                   ntasks_per_node=f["ntasks_per_node"], extra=f["extra"])
+
+
+@dataclass
+class StageRun:
+    stage: str
+    name: str
+    status: str                # skipped (was complete) | completed
+    job_ids: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    reports: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PipelineRun:
+    config: str
+    cluster: str
+    stages: list[StageRun]
+
+    def reports(self) -> list[str]:
+        """The report files (JSON/PNG/TSV) that exist, stage by stage."""
+        return [r for s in self.stages for r in s.reports if Path(r).exists()]
+
+
+def plan(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> list[PlannedJob]:
+    """The pipeline's jobs as run_pipeline.sh would submit them (status todo/complete per stage)."""
+    cmd = ["bash", str(PIPELINE_SCRIPT), "--plan", "--config", str(cfg.path)]
+    if start:
+        cmd += ["--from", start]
+    if until:
+        cmd += ["--until", until]
+    p = subprocess.run(cmd, env=cfg.environ(), cwd=ROOT, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip()}")
+    return [PlannedJob.parse(line) for line in p.stdout.splitlines() if line.startswith("stage=")]
+
+
+class StageCommand:
+    """What one submitit job runs: ``bash slurm/NN_*.sbatch ARGS`` in the repo, with the pipeline's
+    config values laid over the job's own environment (so SLURM's per-job variables stay right)."""
+
+    def __init__(self, script: str, args: list[str], config_env: Mapping[str, str]):
+        self.script, self.args, self.config_env = script, list(args), dict(config_env)
+
+    def __call__(self, shard_index: int | None = None, num_shards: int | None = None) -> dict:
+        argv = ["bash", self.script, *self.args]
+        if num_shards is not None:
+            argv += ["--num-shards", str(num_shards), "--shard-index", str(shard_index)]
+        env = {**os.environ, **self.config_env}
+        t0 = time.time()
+        print("+ " + shlex.join(argv), flush=True)
+        rc = subprocess.run(argv, env=env, cwd=ROOT).returncode
+        if rc != 0:
+            raise RuntimeError(f"{shlex.join(argv)} exited with status {rc}")
+        return {"argv": argv, "seconds": round(time.time() - t0, 1)}
+
+
+def _minutes(t: str) -> int:
+    """SLURM time ([D-]HH:MM:SS, HH:MM:SS, MM:SS, MM) -> minutes (rounded up); '' -> the default."""
+    if not t:
+        return DEFAULT_TIME_MIN
+    days = 0
+    if "-" in t:
+        d, t = t.split("-", 1)
+        days = int(d)
+    parts = [int(x) for x in t.split(":")]
+    if len(parts) == 1:
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, s = (parts[0], parts[1], 0) if days else (0, parts[0], parts[1])
+    else:
+        h, m, s = parts[-3:]
+    return max(1, days * 1440 + h * 60 + m + (1 if s else 0))
+
+
+def _gigabytes(mem: str) -> float | None:
+    """SLURM memory (e.g. 500M, 2G, 1T, plain number = MB) -> GB."""
+    if not mem:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([KMGT]?)B?", mem.strip().upper())
+    if not m:
+        raise ValueError(f"cannot read memory size {mem!r}")
+    scale = {"K": 1 / 1024**2, "M": 1 / 1024, "": 1 / 1024, "G": 1, "T": 1024}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def executor_parameters(job: PlannedJob) -> dict:
+    """submitit AutoExecutor parameters for one planned job (slurm_* ones are ignored locally)."""
+    p: dict = {"name": f"tf-{job.stage}-{job.name}" + ("-finalize" if job.phase == "finalize" else ""),
+               "timeout_min": _minutes(job.time), "cpus_per_task": job.cpus}
+    gb = _gigabytes(job.mem)
+    if gb is not None:
+        p["mem_gb"] = gb
+    if job.gpus:
+        p["gpus_per_node"] = job.gpus
+    if job.nodes:
+        p["nodes"] = int(job.nodes)
+    if job.ntasks_per_node:
+        p["tasks_per_node"] = int(job.ntasks_per_node)
+    for key in ("partition", "account", "qos"):
+        if getattr(job, key):
+            p[f"slurm_{key}"] = getattr(job, key)
+    extra = {}
+    for word in shlex.split(job.extra):
+        if not word.startswith("--"):
+            raise ValueError(f"SBATCH_EXTRA: only --option[=value] words are supported, got {word!r}")
+        k, _, v = word[2:].partition("=")
+        extra[k] = v or None
+    if extra:
+        p["slurm_additional_parameters"] = extra
+    return p
+
+
+def _fail(job: PlannedJob, sub_job, err: Exception) -> StageFailed:
+    log = str(getattr(sub_job.paths, "stdout", ""))
+    tail = ""
+    for path in (getattr(sub_job.paths, "stderr", None), getattr(sub_job.paths, "stdout", None)):
+        try:
+            tail += "".join(Path(path).read_text(errors="replace").splitlines(True)[-15:])
+        except (OSError, TypeError):
+            pass
+    return StageFailed(job.stage, job.name, str(sub_job.job_id), log, tail or str(err))
+
+
+def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = None,
+                 overrides: Mapping[str, object] | None = None, start: str | None = None,
+                 until: str | None = None, folder: str | os.PathLike | None = None,
+                 log=print) -> PipelineRun:
+    """Run every unfinished stage, in order, each as submitit job(s); return what ran.
+
+    config: a pipeline .env file (default $TOKENFOLD_CONFIG, else slurm/config/demo.env).
+    cluster: None/"auto" (SLURM when available, else local), "slurm", "local" or "debug" (in-process).
+    overrides: KEY -> value, as if set in the environment (they win over the file).
+    start/until: like run_pipeline.sh --from/--until ("05": redo 05 and later even if complete).
+    folder: submitit's log folder (default $LOG_DIR/submitit).
+    """
+    import submitit
+
+    cfg = load_config(config, overrides=overrides)
+    env = {k: v for k, v in cfg.environ({}).items()}
+    env["TOKENFOLD_ROOT"] = str(ROOT)
+    jobs = plan(cfg, start, until)
+    log_dir = Path(cfg.get("LOG_DIR") or Path(cfg.get("TOKENFOLD_DATA", "data")) / "logs")
+    if not log_dir.is_absolute():
+        log_dir = ROOT / log_dir
+    folder = Path(folder) if folder else log_dir / "submitit"
+    executor = submitit.AutoExecutor(folder=str(folder / "%j"), cluster=None if cluster in (None, "auto") else cluster)
+    log(f"tokenfold launcher: config {cfg.path}, executor {executor.cluster}, logs {folder}")
+
+    runs: dict[str, StageRun] = {}
+    for job in jobs:
+        run = runs.setdefault(job.stage, StageRun(job.stage, job.name, "completed", reports=job.reports))
+        if job.status == "complete":
+            run.status = "skipped"
+            if job.phase != "finalize":
+                log(f"stage {job.stage} {job.name}: complete ({job.marker} exists), skipped")
+            continue
+        executor.update_parameters(**executor_parameters(job))
+        command = StageCommand(job.script, job.args, env)
+        t0 = time.time()
+        if job.phase == "array":
+            subs = executor.map_array(command, list(range(job.tasks)), [job.tasks] * job.tasks)
+        else:
+            subs = [executor.submit(command)]
+        log(f"stage {job.stage} {job.name}{' ' + job.phase if job.phase != 'job' else ''}: "
+            f"job(s) {', '.join(str(s.job_id) for s in subs)}")
+        for s in subs:
+            try:
+                s.result()
+            except Exception as e:  # FailedJobError, UncompletedJobError, or the stage's own error
+                for other in subs:
+                    if other is not s and not other.done():
+                        other.cancel(check=False)
+                raise _fail(job, s, e) from e
+        run.job_ids += [str(s.job_id) for s in subs]
+        run.seconds += time.time() - t0
+        log(f"stage {job.stage} {job.name}{' ' + job.phase if job.phase != 'job' else ''}: "
+            f"done in {time.time() - t0:.1f}s")
+    return PipelineRun(str(cfg.path), executor.cluster, list(runs.values()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tokenfold.launcher", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="pipeline config (default: $TOKENFOLD_CONFIG, else slurm/config/demo.env)")
+    ap.add_argument("--cluster", default="auto", choices=["auto", "slurm", "local", "debug"],
+                    help="auto: SLURM when sbatch is on PATH, else local processes (default: auto)")
+    ap.add_argument("--from", dest="start", metavar="NN", help="redo stage NN and later even if complete")
+    ap.add_argument("--until", metavar="NN", help="stop after stage NN")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value (repeatable), like setting it in the environment")
+    a = ap.parse_args(argv)
+    overrides = {}
+    for kv in a.set:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            ap.error(f"--set expects KEY=VALUE, got {kv!r}")
+        overrides[k] = v
+    try:
+        res = run_pipeline(a.config, a.cluster, overrides, a.start, a.until)
+    except StageFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"\nTokenFold pipeline finished ({res.cluster}). Wall time per stage:")
+    for s in res.stages:
+        print(f"  {s.stage} {s.name:<24} " + ("skipped (complete)" if s.status == "skipped"
+                                              else f"{s.seconds:.1f}s  jobs {','.join(s.job_ids)}"))
+    print("Reports:")
+    for r in res.reports():
+        print(f"  {r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
