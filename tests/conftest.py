@@ -91,3 +91,30 @@ def small_db(tmp_path_factory) -> Path:
         # easy-linclust: the same MMseqs2 split in 0.5 s instead of ~10 s of prefilter set-up
         SplitOptions(seed=0, mmseqs_mode="linclust"))
     return out
+
+
+def read_fasta(path) -> dict[str, str]:
+    """{first word of header: sequence} of a FASTA file."""
+    out, name = {}, None
+    for line in open(path):
+        line = line.strip()
+        if line.startswith(">"):
+            name = line[1:].split()[0]
+            out[name] = []
+        elif line and name is not None:
+            out[name].append(line)
+    return {k: "".join(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="session")
+def shared_structures_db(tmp_path_factory) -> Path:
+    """Stage 01 run over every file of ../shared/data/structures with Foldseek's own chain filter
+    (length > 3, not all-X), to compare against Foldseek's DB of the same files. Skips when absent."""
+    from tokenfold.prepare import Inputs, PrepareOptions, SplitOptions, run
+
+    structures = need_shared("structures")
+    out = tmp_path_factory.mktemp("shared_db") / "db"
+    run(Inputs(structures=[str(structures)]), out,
+        PrepareOptions(min_length=4, max_unknown=1.0, min_plddt=0, items_per_shard=400),
+        SplitOptions(seed=0, mmseqs_mode="linclust", threads=2), workers=2)
+    return out

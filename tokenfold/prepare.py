@@ -245,9 +245,12 @@ class ItemResult:
 
 
 def _filter_reason(aa: str, opts: PrepareOptions, plddt: np.ndarray | None = None) -> str | None:
+    """The one-line reason to reject a chain, or None to keep it."""
     L = len(aa)
     if L == 0:
         return "empty sequence"
+    if aa.count("X") == L:
+        return f"no protein chain: all {L} residues are unknown (X), e.g. a ligand"
     if L < opts.min_length:
         return f"shorter than min length: {L} residues < {opts.min_length}"
     if L > opts.max_length:
@@ -277,7 +280,7 @@ def ingest_structure_file(path: str, base: str, opts: PrepareOptions) -> ItemRes
     for note in pf.notes:
         res.notes.append((path, "", note))
     if pf.n_models > 1:
-        res.notes.append((path, "", f"{pf.n_models} models: kept the first"))
+        res.notes.append((path, "", f"models: {pf.n_models} in the file, kept the first"))
     use_plddt = opts.plddt_from_bfactor == "yes" or (opts.plddt_from_bfactor == "auto" and pf.is_alphafold)
     chains = [c for c in pf.chains if len(c)]
     if not chains:
@@ -301,11 +304,11 @@ def _ingest_chain(res: ItemResult, path: str, base: str, pf: S.ParsedFile, ch: S
         gap[0] = False
     ca_trace = ch.is_ca_trace
     if ca_trace:
-        res.notes.append((path, ch.name, "C-alpha trace (N/C missing on most residues): kept without 3Di"))
+        res.notes.append((path, ch.name, "no 3Di: C-alpha trace (N and C missing on most residues); kept without 3Di"))
     pieces = S.segments(gap) if opts.chain_breaks == "split" else [(0, len(ch))]
     n_breaks = int(gap[1:].sum()) if len(gap) > 1 else 0
     if n_breaks and opts.chain_breaks == "record":
-        res.notes.append((path, ch.name, f"{n_breaks} chain break(s) (CA-CA > {opts.break_distance:g} A) recorded in gap_before"))
+        res.notes.append((path, ch.name, f"chain breaks: {n_breaks} (CA-CA > {opts.break_distance:g} A) recorded in gap_before"))
     for j, (a, b) in enumerate(pieces):
         eid = cid if len(pieces) == 1 else f"{cid}_seg{j + 1}"
         aa = ch.aa[a:b]

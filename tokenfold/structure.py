@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import re
+from collections import Counter
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,8 @@ GZIP_MAGIC = b"\x1f\x8b"
 #: consecutive C-alpha atoms further apart than this (Angstrom) are not bonded: a chain break.
 #: A trans peptide gives 3.80 A, cis ~2.9 A; 4.2 A leaves room for poorly refined geometry.
 BREAK_DISTANCE = 4.2
+_TEXT_BYTES = bytes(range(9, 14)) + bytes(range(32, 256))  # deleting these leaves control bytes
+_RECORDS = re.compile(r"^(?:ATOM|HETATM|TER|MODEL|ENDMDL|END)[^\n]*", re.M)
 _AF_NAME = re.compile(r"(^AF-[A-Z0-9]+-F\d+)|alphafold", re.IGNORECASE)
 
 
@@ -159,7 +162,7 @@ def _decode(data: bytes) -> str:
     if not data.strip():
         raise StructureError("empty file")
     head = data[:8192]
-    if b"\x00" in head or sum(b < 9 or 13 < b < 32 for b in head) > len(head) // 100 + 1:
+    if b"\x00" in head or len(head.translate(None, _TEXT_BYTES)) > len(head) // 100 + 1:
         raise StructureError("not a structure (binary content)")
     try:
         return data.decode("utf-8")
@@ -171,51 +174,61 @@ def _is_water(name: str) -> bool:
     return name in ("HOH", "WAT", "H2O", "DOD", "D2O", "TIP", "TIP3", "SOL")
 
 
-def _foldseek_ter_exclusions(text: str) -> list[tuple[str, set]]:
+def _foldseek_ter_exclusions(text: str) -> list[tuple[str, set]] | None:
     """Replay the TER rule of the gemmi bundled with Foldseek on the first model of a PDB text.
 
     Returns one (chain name, excluded residue keys) pair per gemmi chain of the first model, in
-    order. Residues created after the chain's TER record are non-polymer there, so Foldseek drops
-    them. A chain name that reappears after a TER-terminated chain of that name starts "after TER"
-    too. Residue key: (sequence number, insertion code, segment), as gemmi matches residues.
+    order, or None when the file has no TER record (then nothing is excluded). Residues created after
+    their chain's TER record are non-polymer there, so Foldseek drops them; a chain name that
+    reappears after a TER-terminated chain of that name starts "after TER" too. Residue key:
+    (sequence number, insertion code, segment), as gemmi matches residues.
     """
+    if not (text.startswith("TER") or "\nTER" in text):
+        return None
     parts: list[tuple[str, set]] = []
-    first_is_polymer: dict[str, bool] = {}  # chain name -> first part of that name was TER-terminated
+    terminated: dict[str, bool] = {}  # chain name -> its first part was closed by a TER
     part_name = None
     part_seen: set = set()
+    part_count: Counter = Counter()
     after_ter = False
-    in_model = False
+    prev = None
     models_done = 0
-    for line in text.splitlines():
-        rec = line[:6]
-        if line.startswith(("ATOM", "HETATM")):
+    in_model = False
+    for m in _RECORDS.finditer(text):
+        line = m.group(0)
+        c = line[0]
+        if c == "A" or c == "H":  # ATOM / HETATM
             if models_done:
                 break
+            res_field = line[20:27] + line[72:76]
+            if res_field == prev:
+                continue  # another atom of the residue of the previous line
+            prev = res_field
+            in_model = True
             name = line[20:22].strip()
             if part_name is None or name != part_name:
-                after_ter = first_is_polymer.get(name, False)
-                first_is_polymer.setdefault(name, False)
+                after_ter = terminated.get(name, False)
                 parts.append((name, set()))
+                part_count[name] += 1
                 part_name, part_seen = name, set()
             key = (line[22:26].strip(), line[26:27].strip(), line[72:76].strip())
             if key not in part_seen:
                 part_seen.add(key)
                 if after_ter:
                     parts[-1][1].add(key)
-            in_model = True
-        elif rec.startswith("TER"):
+        elif line.startswith("TER"):
             if part_name is None or after_ter:
                 continue
-            if len([p for p in parts if p[0] == part_name]) == 1:
-                first_is_polymer[part_name] = True
+            if part_count[part_name] == 1:
+                terminated[part_name] = True
             after_ter = True
-        elif rec.startswith("MODEL"):
-            part_name = None
-        elif rec.startswith("ENDMDL"):
+        elif line.startswith("MODEL"):
+            part_name = prev = None
+        elif line.startswith("ENDMDL"):
             if in_model:
                 models_done += 1
-            part_name = None
-        elif rec.rstrip() == "END":
+            part_name = prev = None
+        elif line.rstrip() == "END":
             break
     return parts
 
@@ -231,28 +244,73 @@ def detect_alphafold(text: str, base: str) -> bool:
     return "alphafold" in text[:20000].lower()
 
 
-def read_structure(path: str | Path) -> tuple[gemmi.Structure, str, str]:
-    """(gemmi structure, format 'pdb'|'cif', decoded text). Raises StructureError with the reason."""
+def _parse(text: str, fmt: str) -> gemmi.Structure:
+    if fmt == "cif":
+        return gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
+    return gemmi.read_pdb_string(text)
+
+
+def _drop_truncated_last_record(text: str) -> str | None:
+    """The text without its last ATOM/HETATM line when that line was cut short (a truncated file)."""
+    body = text.rstrip("\n")
+    cut = body.rfind("\n") + 1
+    last = body[cut:]
+    if last.startswith(("ATOM", "HETATM")) and len(last.rstrip()) < 54:
+        return body[:cut]
+    return None
+
+
+def has_altlocs(text: str, fmt: str) -> bool:
+    """Whether any atom has an alternate location indicator (cheap text check)."""
+    if fmt == "pdb":  # column 17 of ATOM/HETATM lines, vectorised over the line starts
+        b = np.frombuffer(text.encode("latin-1", "replace"), dtype=np.uint8)
+        starts = np.concatenate([[0], np.flatnonzero(b == 10) + 1])
+        starts = starts[starts + 17 <= len(b)]
+        atom = ((b[starts] == 65) & (b[starts + 1] == 84) & (b[starts + 2] == 79) & (b[starts + 3] == 77)) | \
+               ((b[starts] == 72) & (b[starts + 1] == 69) & (b[starts + 2] == 84) & (b[starts + 3] == 65))
+        return bool((b[starts[atom] + 16] != 32).any())
+    vals = gemmi.cif.read_string(text).sole_block().find_values("_atom_site.label_alt_id")
+    return any(v not in (".", "?") for v in vals)
+
+
+def read_structure(path: str | Path) -> tuple[gemmi.Structure, str, str, list[str]]:
+    """(gemmi structure, format 'pdb'|'cif', decoded text, notes). Raises StructureError with the reason.
+
+    A PDB file whose last coordinate line is cut mid-record (an interrupted download) keeps the
+    residues before the cut, with a note.
+    """
     text = _decode(read_bytes(path))
     fmt = sniff_format(text)
+    notes: list[str] = []
     try:
-        if fmt == "cif":
-            st = gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
-        else:
-            st = gemmi.read_pdb_string(text)
+        st = _parse(text, fmt)
     except Exception as e:  # gemmi raises RuntimeError/ValueError with a useful message
-        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise StructureError(f"unparsable {fmt}: {msg}") from None
-    return st, fmt, text
+        shorter = _drop_truncated_last_record(text) if fmt == "pdb" else None
+        try:
+            if shorter is None:
+                raise
+            st = _parse(shorter, fmt)
+            text = shorter
+            notes.append("truncated: last coordinate line cut mid-record; kept the atoms before it")
+        except Exception:
+            msg = " ".join(str(e).split())[:200] if str(e) else type(e).__name__
+            raise StructureError(f"unparsable {fmt}: {msg}") from None
+    return st, fmt, text, notes
 
 
-def extract_chains(st: gemmi.Structure, ter_exclusions: list[tuple[str, set]] | None = None) -> list[Chain]:
-    """Chains of the first model, residues selected as Foldseek does (see the module docstring)."""
+def extract_chains(st: gemmi.Structure, ter_exclusions: list[tuple[str, set]] | None = None,
+                   use_entity_types: bool = True, altlocs: bool = True) -> list[Chain]:
+    """Chains of the first model, residues selected as Foldseek does (see the module docstring).
+
+    PDB files: `use_entity_types=False` with the `ter_exclusions` replay (None: no TER, keep all);
+    mmCIF: gemmi's entity types. `altlocs=False` (no atom has an altloc) takes a faster path that
+    looks the four backbone atoms up in C++ instead of looping over every atom in Python.
+    """
     if len(st) == 0:
         raise StructureError("no atoms")
     model = st[0]
     if ter_exclusions is not None and [p[0] for p in ter_exclusions] != [ch.name for ch in model]:
-        ter_exclusions = None  # chain layout differs from our replay: trust gemmi's entity types
+        ter_exclusions, use_entity_types = None, True  # layout differs from our replay: trust gemmi
     keep_types = (gemmi.EntityType.Polymer, gemmi.EntityType.Unknown)
     out = []
     nan3 = (np.nan, np.nan, np.nan)
@@ -260,33 +318,37 @@ def extract_chains(st: gemmi.Structure, ter_exclusions: list[tuple[str, set]] | 
         excl = ter_exclusions[k][1] if ter_exclusions is not None else None
         aa, ca, n, c, cb, bf = [], [], [], [], [], []
         for res in ch.first_conformer():
-            if excl is not None:  # PDB: Foldseek's gemmi types everything Unknown/Polymer but these
-                if excl and (str(res.seqid.num), res.seqid.icode.strip(), res.segment.strip()) in excl:
-                    continue
-            elif res.entity_type not in keep_types:
+            if use_entity_types and res.entity_type not in keep_types:
+                continue
+            if excl and (str(res.seqid.num), res.seqid.icode.strip(), res.segment.strip()) in excl:
                 continue
             if res.het_flag not in ("A", "H"):
                 continue
-            a_ca = a_n = a_c = a_cb = None
-            for atom in res:  # last atom of a name wins, as in Foldseek
-                nm = atom.name
-                if nm == "CA":
-                    a_ca = atom
-                elif nm == "N":
-                    a_n = atom
-                elif nm == "C":
-                    a_c = atom
-                elif nm == "CB":
-                    a_cb = atom
-            if a_ca is None:
-                continue
-            aa.append(three_to_one(res.name))
-            p = a_ca.pos
-            ca.append((p.x, p.y, p.z))
+            if altlocs:
+                a_ca = a_n = a_c = a_cb = None
+                for atom in res:  # last atom of a name wins, as in Foldseek
+                    nm = atom.name
+                    if nm == "CA":
+                        a_ca = atom
+                    elif nm == "N":
+                        a_n = atom
+                    elif nm == "C":
+                        a_c = atom
+                    elif nm == "CB":
+                        a_cb = atom
+                if a_ca is None:
+                    continue
+            else:
+                a_ca = res.find_atom("CA", "*")
+                if a_ca is None:
+                    continue
+                a_n, a_c, a_cb = res.find_atom("N", "*"), res.find_atom("C", "*"), res.find_atom("CB", "*")
+            aa.append(_THREE_TO_ONE.get(res.name, "X"))
+            ca.append(a_ca.pos.tolist())  # .tolist(): one call; .x/.y/.z copy the Position thrice
             bf.append(a_ca.b_iso)
-            n.append((a_n.pos.x, a_n.pos.y, a_n.pos.z) if a_n is not None else nan3)
-            c.append((a_c.pos.x, a_c.pos.y, a_c.pos.z) if a_c is not None else nan3)
-            cb.append((a_cb.pos.x, a_cb.pos.y, a_cb.pos.z) if a_cb is not None else nan3)
+            n.append(a_n.pos.tolist() if a_n is not None else nan3)
+            c.append(a_c.pos.tolist() if a_c is not None else nan3)
+            cb.append(a_cb.pos.tolist() if a_cb is not None else nan3)
         f32 = lambda v: np.asarray(v, dtype=np.float32).reshape(-1, 3)  # noqa: E731
         out.append(Chain(ch.name, "".join(aa), f32(ca), f32(n), f32(c), f32(cb), np.asarray(bf, dtype=np.float32)))
     return out
@@ -298,12 +360,12 @@ def parse_structure_file(path: str | Path) -> ParsedFile:
     Chains come back in file order, including empty ones (no kept residue), so that callers can
     tell "no protein chain" from "chain too short". Non-finite C-alpha residues are dropped here.
     """
-    st, fmt, text = read_structure(path)
+    st, fmt, text, notes = read_structure(path)
     if len(st) == 0 or not any(len(ch) for ch in st[0]):
         raise StructureError("no atoms")
-    excl = _foldseek_ter_exclusions(text) if fmt == "pdb" else None
-    chains = extract_chains(st, excl)
-    notes = []
+    is_pdb = fmt == "pdb"
+    excl = _foldseek_ter_exclusions(text) if is_pdb else None
+    chains = extract_chains(st, excl, use_entity_types=not is_pdb, altlocs=has_altlocs(text, fmt))
     for ch in chains:
         ok = np.isfinite(ch.ca).all(axis=1)
         gap = np.zeros(len(ch), dtype=bool)
@@ -316,7 +378,7 @@ def parse_structure_file(path: str | Path) -> ParsedFile:
             ch.aa = "".join(ch.aa[i] for i in keep)
             ch.ca, ch.n, ch.c, ch.cb, ch.bfactor = ch.ca[keep], ch.n[keep], ch.c[keep], ch.cb[keep], ch.bfactor[keep]
             gap = gap[keep]
-            notes.append(f"chain {ch.name}: dropped {ch.dropped_nonfinite} residues with non-finite C-alpha")
+            notes.append(f"dropped residues: chain {ch.name}: {ch.dropped_nonfinite} with non-finite C-alpha coordinates")
         for arr in (ch.n, ch.c, ch.cb):  # a non-finite N/C/CB is a missing atom
             arr[~np.isfinite(arr).all(axis=1)] = np.nan
         ch.gap_before = gap | chain_breaks(ch.ca)
@@ -347,22 +409,61 @@ def segments(gap_before: np.ndarray) -> list[tuple[int, int]]:
 
 
 _ENCODER = None
+_MAXF = np.finfo(np.float64).max
 
 
-def _encoder():
+def _partners_plain(x) -> np.ndarray:
+    """mini3di's `PartnerIndexEncoder._find_residue_partners` without numpy.ma (same result).
+
+    mini3di computes D = |x_i|^2 - 2 x_i.x_j + |x_j|^2 on masked arrays (about half the 3Di time),
+    with the first and last residue's |x|^2 set to NaN, then `nan_to_num(nan=inf)` (NaN -> +inf, the
+    +inf diagonal -> largest float) and a masked `argmin` (masked pairs count as +inf). Here: the same
+    arithmetic on plain arrays with those values set explicitly.
+    `tests/test_structure.py` checks it against mini3di's own method.
+    """
+    data = np.asarray(np.ma.getdata(x), dtype=np.float64)
+    mask = np.ma.getmaskarray(x)[:, 0]
+    filled = np.where(mask[:, None], 0.0, data)
+    r = np.sum(filled * filled, axis=-1)
+    D = filled @ filled.T
+    D *= -2.0
+    D += r[:, None]
+    D += r[None, :]
+    # mini3di sets |x|^2 of the first and last residue to NaN: their rows/columns become NaN, which
+    # nan_to_num(nan=inf) makes +inf (unmasked vc rows are finite, so nothing else is NaN); the
+    # diagonal, set to +inf before nan_to_num, becomes the largest finite float
+    D[[0, -1], :] = np.inf
+    D[:, [0, -1]] = np.inf
+    if mask.any():
+        D[mask, :] = np.inf
+        D[:, mask] = np.inf
+    np.fill_diagonal(D, _MAXF)
+    return D.argmin(axis=1)
+
+
+def _encoder(fast: bool = True):
+    """mini3di's Encoder; with `fast` its partner search runs on plain arrays (`_partners_plain`)."""
     global _ENCODER
-    if _ENCODER is None:
+    if _ENCODER is None or getattr(_ENCODER, "_tokenfold_fast", None) != fast:
         import mini3di
 
-        _ENCODER = mini3di.Encoder()
+        enc = mini3di.Encoder()
+        enc._tokenfold_fast = False
+        if fast:
+            try:
+                enc.feature_encoder.partner_index_encoder._find_residue_partners = _partners_plain
+                enc._tokenfold_fast = True
+            except AttributeError:  # another mini3di layout: keep its own (slower) implementation
+                pass
+        _ENCODER = enc
     return _ENCODER
 
 
-def encode_3di_arrays(ca: np.ndarray, n: np.ndarray, c: np.ndarray, cb: np.ndarray) -> str:
+def encode_3di_arrays(ca: np.ndarray, n: np.ndarray, c: np.ndarray, cb: np.ndarray, fast: bool = True) -> str:
     """Foldseek 3Di letters from backbone arrays (NaN = missing atom; such residues get 'D')."""
     if len(ca) == 0:
         return ""
-    enc = _encoder()
+    enc = _encoder(fast)
     states = enc.encode_atoms(ca=ca.astype(np.float64), cb=cb.astype(np.float64),
                               n=n.astype(np.float64), c=c.astype(np.float64))
     return enc.build_sequence(states)

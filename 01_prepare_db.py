@@ -1,0 +1,119 @@
+#!/usr/bin/env python
+"""Stage 01: build the protein DB (sharded HDF5) from PDB/mmCIF files, Foldseek DBs and FASTA files.
+
+With no input flag it ingests the embedded default dataset (the real PDB/mmCIF files shipped by the
+PyPI package MDAnalysisTests) into data/db. Details: tokenfold/prepare.py; format: tokenfold/db.py.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokenfold import layout
+from tokenfold.utils import add_shard_args, die, resolve_shard, setup_logging
+
+EPILOG = """\
+outputs (in --out):
+  manifest.json          shard list, counts, inputs, options, split method (written last)
+  shards/shard_XXXXX.h5  ragged per-residue arrays: aa, 3Di, C-alpha, pLDDT, chain breaks
+  split.npy              uint8 per entry: 0 train, 1 val, 2 test, 3 excluded (duplicate id)
+  cluster.npy            int64 per entry: global index of its cluster representative (-1: excluded)
+  rejects.tsv            input, chain, one-line reason for every rejected file/chain/entry
+  notes.tsv              input, chain, note for kept items with a caveat (no 3Di, breaks, models)
+  report.json/.png       counts by source and reason, lengths, 3Di composition, split sizes
+  work/                  per-shard reports/rejects and plan.json (resume state)
+
+SLURM arrays: every task runs the same command (shards are taken round-robin from
+$SLURM_ARRAY_TASK_ID/COUNT), then one more run with --finalize merges and splits.
+Re-running a finished DB does nothing unless --overwrite; a killed run resumes.
+Read the result with:  from tokenfold.db import ProteinDB; db = ProteinDB("data/db")
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("inputs (any mix; none given = the embedded MDAnalysisTests default dataset)")
+    g.add_argument("--structures", nargs="+", action="extend", default=[], metavar="DIR|FILE|GLOB",
+                   help="PDB/mmCIF files, plain or gzipped, any extension (content is sniffed); directories are searched recursively")
+    g.add_argument("--foldseek-db", action="append", default=[], metavar="PREFIX",
+                   help="a Foldseek DB prefix (PREFIX, PREFIX_ss, PREFIX_ca, PREFIX_h + .index/.dbtype); _ss/_ca may be absent")
+    g.add_argument("--fasta", action="append", default=[], metavar="FILE",
+                   help="FASTA sequences (entries without 3Di or C-alpha, for the ESM-only path)")
+    p.add_argument("--out", default=str(layout.DB), help="output DB directory (default: %(default)s)")
+
+    f = p.add_argument_group("filters")
+    f.add_argument("--min-length", type=int, default=20, help="reject chains shorter than this (default: %(default)s)")
+    f.add_argument("--max-length", type=int, default=5000, help="reject chains longer than this (default: %(default)s)")
+    f.add_argument("--max-unknown", type=float, default=0.1,
+                   help="reject chains with a larger fraction of unknown (X) residues (default: %(default)s)")
+    f.add_argument("--min-plddt", type=float, default=70.0,
+                   help="reject entries with pLDDT whose mean pLDDT is below this; 0 disables (default: %(default)s)")
+    f.add_argument("--plddt-from-bfactor", choices=("auto", "yes", "no"), default="auto",
+                   help="store the CA B-factor as pLDDT: auto = only for AlphaFold models (AF-... ids, 'AlphaFold' "
+                        "in the name or header) (default: %(default)s)")
+    f.add_argument("--chain-breaks", choices=("record", "split"), default="record",
+                   help="record: keep chains whole, mark breaks in gap_before (3Di equals Foldseek's); "
+                        "split: one entry per unbroken segment, ids <id>_seg<k> (structure files only) (default: %(default)s)")
+    f.add_argument("--break-distance", type=float, default=4.2,
+                   help="CA-CA distance (Angstrom) above which consecutive residues count as a chain break (default: %(default)s)")
+
+    s = p.add_argument_group("split (finalize step)")
+    s.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="target fractions of entries (default: 0.8 0.1 0.1)")
+    s.add_argument("--min-seq-id", type=float, default=0.3, help="MMseqs2 clustering identity (default: %(default)s)")
+    s.add_argument("--coverage", type=float, default=0.8, help="MMseqs2 clustering coverage, cov-mode 0 (default: %(default)s)")
+    s.add_argument("--mmseqs", default=None, metavar="PATH", help="mmseqs binary (default: $TOKENFOLD_MMSEQS, else PATH)")
+    s.add_argument("--mmseqs-mode", choices=("cluster", "linclust"), default="cluster",
+                   help="mmseqs easy-cluster (default) or easy-linclust (linear time, for huge DBs)")
+    s.add_argument("--no-mmseqs", action="store_true",
+                   help="do not use MMseqs2: split by exact-sequence hash (the loud fallback when mmseqs is missing)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the cluster-to-split assignment (default: %(default)s)")
+
+    r = p.add_argument_group("execution")
+    r.add_argument("--workers", type=int, default=1, help="processes parsing structure files on this node (default: %(default)s)")
+    r.add_argument("--items-per-shard", type=int, default=5000,
+                   help="input items (files, Foldseek entries, FASTA records) per DB shard (default: %(default)s)")
+    r.add_argument("--finalize", action="store_true",
+                   help="only merge the finished shards, split and write the manifest (after a SLURM array)")
+    r.add_argument("--overwrite", action="store_true", help="rebuild even if the DB (or this task's shards) exist")
+    r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_shard_args(r, "DB shards")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    log = setup_logging(args.verbose)
+    from tokenfold.prepare import Inputs, PlanMismatch, PrepareOptions, SplitOptions, embedded_default_inputs, run
+
+    inputs = Inputs(structures=args.structures, foldseek_dbs=args.foldseek_db, fasta=args.fasta)
+    if inputs.empty():
+        files = embedded_default_inputs()
+        log.info("no input given: using the embedded default dataset (%d MDAnalysisTests PDB/mmCIF files)", len(files))
+        inputs.structures = [str(f) for f in files]
+    try:
+        opts = PrepareOptions(min_length=args.min_length, max_length=args.max_length, max_unknown=args.max_unknown,
+                              min_plddt=args.min_plddt, plddt_from_bfactor=args.plddt_from_bfactor,
+                              chain_breaks=args.chain_breaks, break_distance=args.break_distance,
+                              items_per_shard=args.items_per_shard)
+        split_opts = SplitOptions(fractions=tuple(args.split_fractions), min_seq_id=args.min_seq_id,
+                                  coverage=args.coverage, seed=args.seed, threads=max(1, args.workers),
+                                  mmseqs=args.mmseqs, use_mmseqs=not args.no_mmseqs, mmseqs_mode=args.mmseqs_mode)
+    except ValueError as e:
+        die(str(e))
+    num_tasks, task_index = resolve_shard(args.num_shards, args.shard_index)
+    try:
+        status = run(inputs, args.out, opts, split_opts, num_tasks=num_tasks, task_index=task_index,
+                     workers=max(1, args.workers), finalize_only=args.finalize, overwrite=args.overwrite)
+    except (PlanMismatch, FileNotFoundError) as e:
+        die(str(e))
+    except Exception as e:  # a format error in an input DB etc.: one line, not a traceback
+        if args.verbose:
+            raise
+        die(f"{type(e).__name__}: {e}")
+    log.info("done: %s", status)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
