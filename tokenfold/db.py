@@ -130,25 +130,37 @@ def write_shard(path: str | os.PathLike, records: Sequence[ProteinRecord], attrs
             has_plddt[j] = True
         if r.gap_before is not None:
             gap[a:b] = r.gap_before
+    write_shard_arrays(path, {
+        "offsets": offsets, "aa": aa, "ss": ss, "ca": ca, "plddt": plddt, "gap_before": gap,
+        "has_ss": has_ss, "has_ca": has_ca, "has_plddt": has_plddt,
+        "id": [r.id for r in records], "source": [r.source for r in records], "origin": [r.origin for r in records],
+    }, attrs)
+
+
+def write_shard_arrays(path: str | os.PathLike, arrays: dict, attrs: dict | None = None) -> None:
+    """Write one shard from flat arrays already in the layout above (`DBShard.ARRAYS` plus the
+    id/source/origin string lists). Bulk writers (e.g. Foldseek DB ingestion) use it directly."""
+    n = len(arrays["offsets"]) - 1
+    R = int(arrays["offsets"][-1]) if n >= 0 and len(arrays["offsets"]) else 0
     str_dt = h5py.string_dtype("utf-8")
     with atomic_path(path, suffix=".h5") as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs.update({"format": FORMAT, "version": VERSION, "n_entries": n, "n_residues": R})
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
-            f.create_dataset("offsets", data=offsets)
+            f.create_dataset("offsets", data=np.asarray(arrays["offsets"], dtype=np.int64))
             for name in ("id", "source", "origin"):
-                f.create_dataset(name, data=np.array([getattr(r, name) for r in records], dtype=object), dtype=str_dt)
+                f.create_dataset(name, data=np.array(list(arrays[name]), dtype=object), dtype=str_dt)
             # lzf: fast, and it squeezes the NaN/zero filler of sequence-only entries to almost nothing
             big = dict(compression="lzf", chunks=True) if R else {}
-            f.create_dataset("aa", data=aa, **big)
-            f.create_dataset("ss", data=ss, **big)
-            f.create_dataset("ca", data=ca, **big)
-            f.create_dataset("plddt", data=plddt, **big)
-            f.create_dataset("gap_before", data=gap, **big)
-            f.create_dataset("has_ss", data=has_ss)
-            f.create_dataset("has_ca", data=has_ca)
-            f.create_dataset("has_plddt", data=has_plddt)
+            f.create_dataset("aa", data=np.asarray(arrays["aa"], dtype=np.uint8), **big)
+            f.create_dataset("ss", data=np.asarray(arrays["ss"], dtype=np.uint8), **big)
+            f.create_dataset("ca", data=np.asarray(arrays["ca"], dtype=np.float32).reshape(-1, 3), **big)
+            f.create_dataset("plddt", data=np.asarray(arrays["plddt"], dtype=np.float32), **big)
+            f.create_dataset("gap_before", data=np.asarray(arrays["gap_before"], dtype=bool), **big)
+            f.create_dataset("has_ss", data=np.asarray(arrays["has_ss"], dtype=bool))
+            f.create_dataset("has_ca", data=np.asarray(arrays["has_ca"], dtype=bool))
+            f.create_dataset("has_plddt", data=np.asarray(arrays["has_plddt"], dtype=bool))
 
 
 # ----------------------------------------------------------------------------- reading one shard
