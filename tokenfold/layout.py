@@ -17,6 +17,7 @@ TOKENS = DATA / "tokens"               # stage 04: <kind>/ token shards + vocab.
 RUNS = DATA / "runs"                   # stage 05: <run>/ checkpoints, metrics.jsonl, curves
 EVAL = DATA / "eval"                   # stage 06: <run>/ metrics.json, per_protein.tsv, PNGs, PDBs
 MODELS = DATA / "models"               # test-only random ESM-2 checkpoints and other local weights
+GEO = DATA / "geo"                     # stage 04 (geo kind): geo_codebook_K<K>.npz, fit on train chains
 
 
 def embeddings_dir(model_name: str, layer: int) -> Path:
@@ -29,3 +30,7 @@ def codebook_path(k: int) -> Path:
 
 def tokens_dir(kind: str) -> Path:
     return TOKENS / kind
+
+
+def geo_codebook_path(k: int) -> Path:
+    return GEO / f"geo_codebook_K{k}.npz"
