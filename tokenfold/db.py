@@ -155,7 +155,11 @@ def write_shard_arrays(path: str | os.PathLike, arrays: dict, attrs: dict | None
             big = dict(compression="lzf", chunks=True) if R else {}
             f.create_dataset("aa", data=np.asarray(arrays["aa"], dtype=np.uint8), **big)
             f.create_dataset("ss", data=np.asarray(arrays["ss"], dtype=np.uint8), **big)
-            f.create_dataset("ca", data=np.asarray(arrays["ca"], dtype=np.float32).reshape(-1, 3), **big)
+            # coordinates barely compress (lzf: -3 % at 20x the write time), so only shards holding
+            # sequence-only entries (NaN filler) compress them
+            has_ca = np.asarray(arrays["has_ca"], dtype=bool)
+            f.create_dataset("ca", data=np.asarray(arrays["ca"], dtype=np.float32).reshape(-1, 3),
+                             **(big if not has_ca.all() else {}))
             f.create_dataset("plddt", data=np.asarray(arrays["plddt"], dtype=np.float32), **big)
             f.create_dataset("gap_before", data=np.asarray(arrays["gap_before"], dtype=bool), **big)
             f.create_dataset("has_ss", data=np.asarray(arrays["has_ss"], dtype=bool))

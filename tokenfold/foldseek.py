@@ -268,9 +268,9 @@ def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarr
     """float32 [sum(L), 3] C-alpha of the entries `rows` (both storage modes) and a has_ca mask.
 
     Entries missing from `_ca` (row -1) or with a length that fits neither mode get NaN and
-    has_ca False.
+    has_ca False. Compressed entries are read through int16 views of the mmap (one per byte
+    parity, since float entries of odd length shift the alignment of those after them).
     """
-    n = len(L)
     R = int(L.sum())
     out = np.full((R, 3), np.nan, dtype=np.float32)
     present = rows[:, 0] >= 0
@@ -278,30 +278,56 @@ def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarr
     is_float = present & (ln >= 12 * L) & (L > 0)
     is_diff = present & ~is_float & (ln == 6 * L + 8) & (L > 0)
     first = np.concatenate([[0], np.cumsum(L)[:-1]]).astype(np.int64)
+    end = off + np.where(is_float, 12 * L, 6 * L + 6)
+    if (present & (is_float | is_diff)).any() and int(end[is_float | is_diff].max()) > len(f.data):
+        raise FoldseekFormatError(f"{f.path}: index points past the end of the data file")
     if is_float.any():
-        e = np.flatnonzero(is_float)
-        for axis in range(3):
-            starts = off[e] + 4 * axis * L[e]
-            raw = f.gather(_ragged_arange(starts, L[e], 4), np.full(int(L[e].sum()), 4))
-            vals = raw.view("<f4")
-            out[_ragged_arange(first[e], L[e]), axis] = vals
+        for parity in (0, 1, 2, 3):
+            e = np.flatnonzero(is_float & (off % 4 == parity))
+            if not len(e):
+                continue
+            view = f.data[parity: parity + (len(f.data) - parity) // 4 * 4].view("<f4")
+            base = (off[e] - parity) // 4
+            dest = _ragged_arange(first[e], L[e])
+            for axis in range(3):
+                out[dest, axis] = view[_ragged_arange(base + axis * L[e], L[e])]
     if is_diff.any():
-        e = np.flatnonzero(is_diff)
-        Le = L[e]
-        dest = _ragged_arange(first[e], Le)
-        for axis in range(3):
-            block = off[e] + 2 * axis * (Le + 1)
-            start = f.gather(block, np.full(len(e), 4)).view("<i4").astype(np.int64)
-            nd = Le - 1
-            deltas = f.gather(_ragged_arange(block + 4, nd, 2), np.full(int(nd.sum()), 2)).view("<i2").astype(np.int64)
-            vals = np.empty(int(Le.sum()), dtype=np.int64)
-            loc_first = np.concatenate([[0], np.cumsum(Le)[:-1]])
-            is_first = np.zeros(len(vals), dtype=bool)
-            is_first[loc_first] = True
-            vals[is_first] = start
-            vals[~is_first] = deltas
-            cs = np.cumsum(vals)
-            base = cs[loc_first] - start
-            out[dest, axis] = ((cs - np.repeat(base, Le)) / 1000.0).astype(np.float32)
-    has = is_float | is_diff
-    return out, has
+        for parity in (0, 1):
+            e = np.flatnonzero(is_diff & (off % 2 == parity))
+            if not len(e):
+                continue
+            view = f.data[parity: parity + (len(f.data) - parity) // 2 * 2].view("<i2")
+            Le = L[e]
+            Re = int(Le.sum())
+            whole = len(e) == len(L)  # every entry: destination rows are simply 0..R-1
+            dest = slice(None) if whole else _ragged_arange(first[e], Le)
+            loc_first = np.concatenate([[0], np.cumsum(Le)[:-1]]).astype(np.int64)
+            blk0 = (off[e] - parity) // 2
+            # int16 index of residue i's value in axis 0: the start (i = 0; its low half) or delta i-1
+            idx = _ragged_arange(blk0 + 1, Le)
+            idx[loc_first] = blk0
+            shift = np.repeat(Le + 1, Le)
+            for axis in range(3):
+                if axis:
+                    idx += shift
+                blk = blk0 + axis * (Le + 1)
+                start = view[blk + 1].astype(np.int64) * 65536 + view[blk].astype(np.uint16)
+                vals = view[idx].astype(np.int64)
+                vals[loc_first] = start
+                cs = np.cumsum(vals)
+                if len(e) > 1:  # restart the running sum at every entry
+                    cs -= np.repeat(cs[loc_first] - start, Le)
+                out[dest, axis] = cs / 1000.0
+    return out, is_float | is_diff
+
+
+_DB_CACHE: dict = {}
+
+
+def open_db(prefix: str | os.PathLike) -> "FoldseekDB":
+    """A FoldseekDB kept open per process, so that index scans happen once per process."""
+    key = str(Path(prefix).resolve())
+    db = _DB_CACHE.get(key)
+    if db is None:
+        db = _DB_CACHE[key] = FoldseekDB(prefix)
+    return db

@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import structure as S
-from .db import EXCLUDED, FORMAT, SPLITS, VERSION, ProteinRecord, write_shard
+from .db import EXCLUDED, FORMAT, SPLITS, VERSION, ProteinRecord, write_shard_arrays
 from .utils import atomic_path, progress, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tokenfold.prepare")
@@ -205,12 +205,12 @@ class Plan:
 
 
 def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
-    from .foldseek import FoldseekDB
+    from .foldseek import open_db
 
     files = expand_structure_args(inputs.structures) if inputs.structures else []
     fdbs = []
     for prefix in inputs.foldseek_dbs:
-        db = FoldseekDB(prefix)
+        db = open_db(prefix)
         fdbs.append({"prefix": str(Path(prefix).resolve()), "n": len(db)})
     fas = []
     for fa in inputs.fasta:
@@ -236,12 +236,83 @@ def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
 
 # ----------------------------------------------------------------------------- per-item ingestion
 @dataclass
+class Chunk:
+    """Entries in the shard layout (flat arrays + offsets), the unit shards are assembled from."""
+
+    ids: list
+    source: list
+    origin: list
+    lengths: np.ndarray        # int64 [n]
+    aa: np.ndarray             # uint8 [R]
+    ss: np.ndarray             # uint8 [R], 0 where none
+    ca: np.ndarray             # float32 [R, 3], NaN where none
+    plddt: np.ndarray          # float32 [R], NaN where none
+    gap_before: np.ndarray     # bool [R]
+    has_ss: np.ndarray         # bool [n]
+    has_ca: np.ndarray
+    has_plddt: np.ndarray
+
+    def __len__(self):
+        return len(self.ids)
+
+    @classmethod
+    def from_records(cls, records: Sequence[ProteinRecord]) -> "Chunk":
+        n = len(records)
+        lengths = np.array([r.length for r in records], dtype=np.int64)
+        R = int(lengths.sum())
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        aa = np.frombuffer("".join(r.aa for r in records).encode("ascii"), dtype=np.uint8).copy()
+        ss = np.zeros(R, dtype=np.uint8)
+        ca = np.full((R, 3), np.nan, dtype=np.float32)
+        plddt = np.full(R, np.nan, dtype=np.float32)
+        gap = np.zeros(R, dtype=bool)
+        has = np.zeros((3, n), dtype=bool)
+        for j, r in enumerate(records):
+            a, b = starts[j], starts[j + 1]
+            if r.ss is not None:
+                ss[a:b] = np.frombuffer(r.ss.encode("ascii"), dtype=np.uint8)
+                has[0, j] = True
+            if r.ca is not None:
+                ca[a:b] = r.ca
+                has[1, j] = True
+            if r.plddt is not None:
+                plddt[a:b] = r.plddt
+                has[2, j] = True
+            if r.gap_before is not None:
+                gap[a:b] = r.gap_before
+        return cls([r.id for r in records], [r.source for r in records], [r.origin for r in records],
+                   lengths, aa, ss, ca, plddt, gap, has[0], has[1], has[2])
+
+    @classmethod
+    def concat(cls, chunks: Sequence["Chunk"]) -> "Chunk":
+        chunks = [c for c in chunks if len(c)] or [cls.from_records([])]
+        cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
+        return cls(sum((c.ids for c in chunks), []), sum((c.source for c in chunks), []),
+                   sum((c.origin for c in chunks), []), cat("lengths"), cat("aa"), cat("ss"),
+                   np.concatenate([c.ca.reshape(-1, 3) for c in chunks]), cat("plddt"), cat("gap_before"),
+                   cat("has_ss"), cat("has_ca"), cat("has_plddt"))
+
+    def arrays(self) -> dict:
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return {"offsets": offsets, "aa": self.aa, "ss": self.ss, "ca": self.ca, "plddt": self.plddt,
+                "gap_before": self.gap_before, "has_ss": self.has_ss, "has_ca": self.has_ca,
+                "has_plddt": self.has_plddt, "id": self.ids, "source": self.source, "origin": self.origin}
+
+
+@dataclass
 class ItemResult:
-    """What one input item gave: kept records, rejects (input, chain, reason) and notes."""
+    """What one input item (or block of items) gave: kept records or a ready chunk of entries,
+    rejects (input, chain, reason) and notes (input, chain, note)."""
 
     records: list = field(default_factory=list)
     rejects: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    chunk: Chunk | None = None
+
+    @property
+    def n_kept(self) -> int:
+        return len(self.records) + (len(self.chunk) if self.chunk is not None else 0)
 
 
 def _filter_reason(aa: str, opts: PrepareOptions, plddt: np.ndarray | None = None) -> str | None:
@@ -354,43 +425,55 @@ def ingest_fasta_range(path: str, offsets: np.ndarray, a: int, b: int, opts: Pre
     return res
 
 
+# ASCII -> our amino-acid alphabet (20 standard letters, everything else X), as a lookup table
+_AA_LUT = np.full(256, ord("X"), dtype=np.uint8)
+for _c in "ACDEFGHIKLMNPQRSTVWY":
+    _AA_LUT[ord(_c)] = _AA_LUT[ord(_c.lower())] = ord(_c)
+
+
 def ingest_foldseek_range(prefix: str, a: int, b: int, opts: PrepareOptions) -> ItemResult:
-    """Entries a..b-1 of a Foldseek DB. Entries without 3Di / C-alpha are kept, flagged (has_ss/has_ca)."""
-    from .foldseek import FoldseekDB
+    """Entries a..b-1 of a Foldseek DB, decoded and filtered in bulk (no per-residue Python).
+
+    Entries without 3Di / C-alpha (no `_ss` / `_ca` file, or missing from it) are kept, flagged
+    (has_ss / has_ca False). Foldseek entries keep their chains whole; breaks go to gap_before.
+    """
+    from .foldseek import open_db
 
     res = ItemResult()
-    db = FoldseekDB(prefix)
+    db = open_db(prefix)
     if a == 0 and db.missing:
-        res.notes.append((prefix, "", f"database has no {', '.join(db.missing)}: entries kept without "
-                          + ", ".join({"_ss": "3Di", "_ca": "C-alpha", "_h": "header ids"}[m] for m in db.missing)))
-    batch = db.read_range(a, b)
-    lengths = batch.lengths
-    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    aa_all = batch.aa.tobytes().decode("ascii", "replace")
-    ss_all = batch.ss.tobytes().decode("ascii", "replace") if batch.ss is not None else None
-    gap_all = None
-    if batch.ca is not None:
-        gap_all = np.zeros(len(batch.ca), dtype=bool)
-        if len(batch.ca) > 1:
-            d = np.linalg.norm(np.diff(batch.ca, axis=0), axis=1)
-            gap_all[1:] = ~(d <= opts.break_distance)
-        gap_all[starts[:-1][lengths > 0]] = False
-    has_ss, has_ca = batch.has_ss.tolist(), batch.has_ca.tolist()
-    for j, pid in enumerate(batch.ids):
-        s, e = int(starts[j]), int(starts[j + 1])
-        aa = aa_all[s:e]
-        if not STD_AA.issuperset(aa):
-            aa = "".join(c if c in STD_AA else "X" for c in aa.upper())
-        reason = _filter_reason(aa, opts)
-        if reason:
-            res.rejects.append((f"{prefix}#{int(batch.keys[j])}", pid, reason))
-            continue
-        res.records.append(ProteinRecord(
-            id=pid, aa=aa,
-            ss=ss_all[s:e] if has_ss[j] else None,
-            ca=batch.ca[s:e] if has_ca[j] else None,
-            gap_before=gap_all[s:e] if has_ca[j] else None,
-            source="foldseek", origin=f"{prefix}#{int(batch.keys[j])}"))
+        what = {"_ss": "3Di", "_ca": "C-alpha", "_h": "header ids (ids from .lookup or keys)"}
+        res.notes.append((prefix, "", "missing files: database has no " + ", ".join(db.missing) +
+                          "; entries kept without " + ", ".join(what[m] for m in db.missing)))
+    bt = db.read_range(a, b)
+    L = bt.lengths
+    n, R = len(L), int(L.sum())
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(L, out=starts[1:])
+    aa = _AA_LUT[bt.aa]
+    # per-entry filters, vectorised: length, all-X, fraction of X
+    n_x = np.add.reduceat((aa == ord("X")).astype(np.int64), starts[:-1]) if R else np.zeros(n, np.int64)
+    n_x[L == 0] = 0
+    frac_x = n_x / np.maximum(L, 1)
+    keep = (L >= max(1, opts.min_length)) & (L <= opts.max_length) & (n_x < L) & (frac_x <= opts.max_unknown)
+    for j in np.flatnonzero(~keep):
+        seq = aa[starts[j]:starts[j + 1]].tobytes().decode("ascii")
+        res.rejects.append((f"{prefix}#{int(bt.keys[j])}", bt.ids[j], _filter_reason(seq, opts) or "filtered"))
+    gap = np.zeros(R, dtype=bool)
+    ca = bt.ca if bt.ca is not None else np.full((R, 3), np.nan, dtype=np.float32)
+    if bt.ca is not None and R > 1:
+        d = np.linalg.norm(np.diff(ca, axis=0), axis=1)
+        gap[1:] = ~(d <= opts.break_distance)
+        gap[starts[:-1][L > 0]] = False
+        gap &= np.repeat(bt.has_ca, L)
+    ss = bt.ss if bt.ss is not None else np.zeros(R, dtype=np.uint8)
+    kr = np.repeat(keep, L)
+    kept = np.flatnonzero(keep)
+    res.chunk = Chunk(ids=[bt.ids[j] for j in kept], source=["foldseek"] * len(kept),
+                      origin=[f"{prefix}#{int(k)}" for k in bt.keys[kept]], lengths=L[kept].astype(np.int64),
+                      aa=aa[kr], ss=np.where(np.repeat(bt.has_ss, L), ss, 0).astype(np.uint8)[kr],
+                      ca=ca[kr], plddt=np.full(int(kr.sum()), np.nan, dtype=np.float32), gap_before=gap[kr],
+                      has_ss=bt.has_ss[kept], has_ca=bt.has_ca[kept], has_plddt=np.zeros(len(kept), dtype=bool))
     return res
 
 
@@ -415,12 +498,20 @@ def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | 
     opts = PrepareOptions(**plan.options)
     lo, hi = plan.shard_range(k)
     t0 = time.time()
-    records: list[ProteinRecord] = []
+    chunks: list[Chunk] = []
     rejects: list[tuple] = []
     notes: list[tuple] = []
-    items = Counter()
-    kept = Counter()
-    rejected_items = Counter()
+    items, kept, rejected_items = Counter(), Counter(), Counter()
+
+    def collect(r: ItemResult, kind: str, pending: list):
+        pending.extend(r.records)
+        if r.chunk is not None:
+            chunks.append(r.chunk)
+        rejects.extend(r.rejects)
+        notes.extend(r.notes)
+        kept[kind] += r.n_kept
+        rejected_items[kind] += len(r.rejects)
+
     bar = progress(total=hi - lo, desc=f"shard {k}", unit="item")
     for kind, src, start, n in plan.segments():
         a, b = max(lo, start), min(hi, start + n)
@@ -428,15 +519,15 @@ def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | 
             continue
         la, lb = a - start, b - start
         items[kind] += b - a
+        pending: list[ProteinRecord] = []
         if kind == "structure":
             jobs = [(plan.structure_files[i], plan.structure_bases[i], opts) for i in range(la, lb)]
             results = pool.imap(_structure_job, jobs, chunksize=4) if pool is not None else map(_structure_job, jobs)
             for r in results:
-                _collect(r, records, rejects, notes, kept, rejected_items, kind)
+                collect(r, kind, pending)
                 bar.update(1)
         elif kind == "foldseek":
-            r = ingest_foldseek_range(plan.foldseek[src]["prefix"], la, lb, opts)
-            _collect(r, records, rejects, notes, kept, rejected_items, kind)
+            collect(ingest_foldseek_range(plan.foldseek[src]["prefix"], la, lb, opts), kind, pending)
             bar.update(b - a)
         else:
             path = plan.fasta[src]["path"]
@@ -445,49 +536,44 @@ def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | 
                 offs = fasta_record_offsets(path)
                 if fasta_offsets is not None:
                     fasta_offsets[path] = offs
-            r = ingest_fasta_range(path, offs, la, lb, opts)
-            _collect(r, records, rejects, notes, kept, rejected_items, kind)
+            collect(ingest_fasta_range(path, offs, la, lb, opts), kind, pending)
             bar.update(b - a)
+        if pending:
+            chunks.append(Chunk.from_records(pending))
     bar.close()
-    rep = _shard_report(k, lo, hi, records, rejects, notes, items, kept, rejected_items, time.time() - t0)
+    chunk = Chunk.concat(chunks)
+    rep = _shard_report(k, lo, hi, chunk, rejects, notes, items, kept, rejected_items, time.time() - t0)
     p = shard_paths(out, k)
     write_text_atomic(p["rejects"], "".join(_tsv_line(*r) for r in rejects))
     write_text_atomic(p["notes"], "".join(_tsv_line(*r) for r in notes))
     write_json_atomic(p["report"], rep)
-    write_shard(p["h5"], records, {"shard": k, "first_item": lo, "end_item": hi, "plan": plan.fingerprint})
-    log.info("shard %d: items %d-%d, %d entries kept, %d rejected, %.1fs", k, lo, hi - 1, len(records), len(rejects), rep["seconds"])
+    write_shard_arrays(p["h5"], chunk.arrays(), {"shard": k, "first_item": lo, "end_item": hi, "plan": plan.fingerprint})
+    log.info("shard %d: items %d-%d, %d entries kept, %d rejected, %.1fs", k, lo, hi - 1, len(chunk), len(rejects), rep["seconds"])
     return rep
-
-
-def _collect(r: ItemResult, records, rejects, notes, kept, rejected_items, kind):
-    records.extend(r.records)
-    rejects.extend(r.rejects)
-    notes.extend(r.notes)
-    kept[kind] += len(r.records)
-    rejected_items[kind] += len(r.rejects)
 
 
 def _reason_kind(reason: str) -> str:
     return reason.split(":")[0].split(" (")[0].strip()
 
 
-def _shard_report(k, lo, hi, records, rejects, notes, items, kept, rejected_items, seconds) -> dict:
-    ss_counts = Counter()
-    aa_counts = Counter()
-    for r in records:
-        aa_counts.update(r.aa)
-        if r.ss is not None:
-            ss_counts.update(r.ss)
+def _letter_counts(arr: np.ndarray) -> dict:
+    counts = np.bincount(arr, minlength=256)
+    return {chr(i): int(counts[i]) for i in np.flatnonzero(counts) if i}
+
+
+def _shard_report(k, lo, hi, chunk: Chunk, rejects, notes, items, kept, rejected_items, seconds) -> dict:
+    starts = np.concatenate([[0], np.cumsum(chunk.lengths)[:-1]]).astype(np.int64)
+    gap = chunk.gap_before.astype(np.int64)
+    n_breaks = np.add.reduceat(gap, starts) - gap[starts] if len(chunk) and len(gap) else np.zeros(0)
     return {
         "shard": k, "items": [lo, hi], "seconds": round(seconds, 3),
         "items_by_source": dict(items), "kept_by_source": dict(kept), "rejected_by_source": dict(rejected_items),
         "rejected_by_reason": dict(Counter(_reason_kind(r[2]) for r in rejects)),
         "notes_by_kind": dict(Counter(_reason_kind(n[2]) for n in notes)),
-        "n_entries": len(records), "n_residues": int(sum(r.length for r in records)),
-        "n_no_ss": sum(r.ss is None for r in records), "n_no_ca": sum(r.ca is None for r in records),
-        "n_plddt": sum(r.plddt is not None for r in records),
-        "n_with_breaks": sum(r.n_breaks > 0 for r in records),
-        "ss_counts": dict(ss_counts), "aa_counts": dict(aa_counts),
+        "n_entries": len(chunk), "n_residues": int(chunk.lengths.sum()),
+        "n_no_ss": int((~chunk.has_ss).sum()), "n_no_ca": int((~chunk.has_ca).sum()),
+        "n_plddt": int(chunk.has_plddt.sum()), "n_with_breaks": int((n_breaks > 0).sum()),
+        "ss_counts": _letter_counts(chunk.ss), "aa_counts": _letter_counts(chunk.aa),
     }
 
 
