@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only merge the finished shards, split and write the manifest (after a SLURM array)")
     r.add_argument("--overwrite", action="store_true", help="rebuild even if the DB (or this task's shards) exist")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    add_shard_args(r, "DB shards")
+    add_shard_args(p, "DB shards")
     return p
 
 
