@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as err:
         die(str(err).splitlines()[0])
     except Exception as err:  # noqa: BLE001 - one clear line for known optional-dependency failures
-        if type(err).__name__ in ("KanziUnavailable", "EsmLoadError"):
+        if type(err).__name__ in ("KanziUnavailable", "EsmLoadError", "CodebookError"):
             die(str(err).splitlines()[0])
         raise
     return 0

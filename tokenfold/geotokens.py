@@ -76,23 +76,32 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(n, _EPS)
 
 
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """np.cross for [..., 3] arrays, without its per-call overhead (this runs once per residue step)."""
+    out = np.empty(np.broadcast_shapes(a.shape, b.shape))
+    out[..., 0] = a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1]
+    out[..., 1] = a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2]
+    out[..., 2] = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
+    return out
+
+
 def _frames(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Local frames [..., 3 axes, 3] from three consecutive positions (rows e1, e2, e3).
 
     Collinear input (no plane) falls back to a fixed perpendicular, the same in encoder and decoder.
     """
     e1 = _unit(c - b)
-    n = np.cross(b - a, e1)
+    n = _cross(b - a, e1)
     nn = np.sqrt((n * n).sum(-1, keepdims=True))
     bad = nn[..., 0] < 1e-6
     if np.any(bad):
-        alt = np.cross(e1, np.array([0.0, 0.0, 1.0]))
-        alt2 = np.cross(e1, np.array([0.0, 1.0, 0.0]))
+        alt = _cross(e1, np.array([0.0, 0.0, 1.0]))
+        alt2 = _cross(e1, np.array([0.0, 1.0, 0.0]))
         small = np.sqrt((alt * alt).sum(-1)) < 1e-3
         alt[small] = alt2[small]
         n = np.where(bad[..., None], alt, n)
     e3 = _unit(n)
-    e2 = np.cross(e3, e1)
+    e2 = _cross(e3, e1)
     return np.stack([e1, e2, e3], axis=-2)
 
 
@@ -370,6 +379,22 @@ class GeoCodebook:
         rows_of = np.arange(R).reshape(B, W)
         for i in range(Lmax):
             chains = np.flatnonzero(i < n)
+            if W == 1:
+                # the common case, vectorised without bookkeeping: chains inside a segment (p >= 3)
+                inner = P[chains, i] >= 3
+                full = chains[inner]
+                if len(full):
+                    h = hist[full]
+                    F = _frames(h[:, 0], h[:, 1], h[:, 2])
+                    t = _to_local(F, Y[full, i] + anchor[full] - h[:, 2])
+                    k = np.argmin(self._c2[None, :] - 2.0 * t @ self.centroids.T, axis=1)
+                    hist[full, 0], hist[full, 1] = h[:, 1], h[:, 2]
+                    hist[full, 2] = h[:, 2] + _from_local(F, self.centroids[k])
+                    codes_t[i, full] = k
+                parent_t[i] = np.arange(R)
+                chains = chains[~inner]
+                if not len(chains):
+                    continue
             parent = np.arange(R)
             code = np.zeros(R, dtype=np.int64)
             for pv in np.unique(np.minimum(P[chains, i], 3)):
@@ -383,7 +408,6 @@ class GeoCodebook:
                 c = self._costs(hist[rows], int(pv), target) + cost[rows][:, None]   # [len(cb)*W, K]
                 if W == 1:
                     k = np.argmin(c, axis=1)
-                    cost[rows] = c[np.arange(len(rows)), k]
                     code[rows] = k
                     continue
                 c = c.reshape(len(cb), W * self.K)
@@ -396,13 +420,13 @@ class GeoCodebook:
                 parent[rows] = (cb[:, None] * W + top // self.K).ravel()
                 code[rows] = (top % self.K).ravel()
             # move beam state along the chosen parents, then place the chosen codes
-            hist, anchor = hist[parent], anchor[parent]
-            pos = np.minimum(P[np.arange(R) // W, i], 3)
-            pos[np.repeat(i >= n, W)] = 0
-            live = np.flatnonzero(np.repeat(i < n, W))
-            x = self._place(hist[live], pos[live], np.minimum(code[live], self.K - 1), i)
+            if W > 1:
+                hist, anchor = hist[parent], anchor[parent]
+            live = rows_of[chains].ravel()
+            pos = np.minimum(P[live // W, i], 3)
+            x = self._place(hist[live], pos, np.minimum(code[live], self.K - 1), i)
             hist[live] = np.concatenate([hist[live, 1:], x[:, None]], axis=1)
-            codes_t[i], parent_t[i] = code, parent
+            codes_t[i, live], parent_t[i] = code[live], parent
         # backtrack the best beam of each chain
         out = []
         for b in range(B):

@@ -191,65 +191,67 @@ class _Geo(_Kind):
 
 
 class _Esm(_Kind):
-    needs = "nothing"
+    """Codes of the stage-03 codebook. Vectors come from the stage-02 store when it holds full per-shard
+    embeddings of this DB; otherwise (a sampled store, or none) they are computed here with the
+    codebook's own model and layer (`tokenfold.esm.embed`, same windowing rule as stage 02)."""
+
+    needs = "nothing"      # a sequence is enough
 
     def __init__(self, cfg):
         super().__init__(cfg)
         from .codebook import Codebook
 
-        path = Path(cfg.codebook) if cfg.codebook else layout.codebook_path(512)
-        if not path.exists():
-            raise FileNotFoundError(f"stage-03 codebook not found: {path} (run 03_train_codebook.py or pass --codebook)")
-        self.path = path
-        self.cb = Codebook.load(path)
+        self.path = Path(cfg.codebook) if cfg.codebook else layout.codebook_path(512)
+        if not self.path.exists():
+            raise FileNotFoundError(f"stage-03 codebook not found: {self.path} (run 03_train_codebook.py or pass --codebook)")
+        self.cb = Codebook.load(self.path)             # checksum-verified
         m = self.cb.meta
         self.random_weights = bool(m.get("random_weights"))
         if self.random_weights and not cfg.random_weights_for_testing:
-            raise ValueError(f"{path} was made from a RANDOM-weights ESM-2 (test/demo only); pass "
+            raise ValueError(f"{self.path} was made from a RANDOM-weights ESM-2 (test/demo only); pass "
                              "--random-weights-for-testing to tokenize with it on purpose")
-        self.store = None
-        emb_dir = Path(cfg.embeddings) if cfg.embeddings else layout.embeddings_dir(
-            Path(str(m["esm_model"])).stem, int(m["layer"]))
+        if cfg.embeddings:
+            emb_dir = Path(cfg.embeddings)
+        elif m.get("embeddings_dir"):
+            emb_dir = Path(m["embeddings_dir"])
+        else:
+            emb_dir = layout.embeddings_dir(Path(str(m["esm_model"])).stem, int(m["layer"]))
+        self.emb_dir, self.store, self.model = emb_dir, None, None
         if (emb_dir / "manifest.json").exists():
             from .esm import EmbeddingStore
 
             store = EmbeddingStore(emb_dir)
+            if str(store.meta.get("model")) != str(m.get("esm_model")) or int(store.meta.get("layer", -1)) != int(m["layer"]):
+                raise ValueError(f"{emb_dir}: embeddings of {store.meta.get('model')} layer {store.meta.get('layer')}, "
+                                 f"but the codebook was trained on {m.get('esm_model')} layer {m['layer']}")
             if store.mode == "full":
-                self._check_store(store, m)
                 self.store = store
-        self.emb_dir = emb_dir
-        self.model = None
-        if self.store is None:
-            log.info("esm tokens: no full per-shard embeddings in %s; embedding on the fly with %s (layer %s)",
-                     emb_dir, cfg.esm_model or m["esm_model"], m["layer"])
-
-    @staticmethod
-    def _check_store(store, m):
-        sm = store.meta
-        name = Path(str(m["esm_model"])).stem
-        smodel = Path(str(sm.get("model", name))).stem
-        if smodel != name or int(sm.get("layer", m["layer"])) != int(m["layer"]):
-            raise ValueError(f"{store.path}: embeddings of {smodel} layer {sm.get('layer')}, but the codebook was "
-                             f"trained on {name} layer {m['layer']}")
+        spec = cfg.esm_model or (m.get("esm_model_path") if m.get("esm_model_path") and Path(m["esm_model_path"]).exists()
+                                 else m["esm_model"])
+        self.model_spec = str(spec)
+        log.info("esm tokens: codebook %s (K=%d, %s layer %s%s); vectors %s", self.path, self.cb.K, m.get("esm_model"),
+                 m["layer"], ", RANDOM WEIGHTS" if self.random_weights else "",
+                 f"from {emb_dir}" if self.store is not None else f"computed on the fly with {self.model_spec}")
 
     def vocab(self) -> Vocab:
         m = self.cb.meta
         ref = {"path": str(self.path.resolve()), "sha256": sha256_file(self.path), "esm_model": m.get("esm_model"),
-               "layer": m.get("layer"), "normalize": m.get("normalize"), "K": m.get("K"),
+               "layer": m.get("layer"), "normalize": m.get("normalize"), "K": self.cb.K,
                "random_weights": self.random_weights,
-               "embeddings": str(self.emb_dir) if self.store is not None else "computed on the fly"}
-        return Vocab.for_kind("esm", n_struct=int(m["K"]), interleaved=self.cfg.interleaved, esm_codebook=ref)
+               "vectors": str(self.emb_dir) if self.store is not None else f"computed on the fly ({self.model_spec})"}
+        return Vocab.for_kind("esm", n_struct=self.cb.K, interleaved=self.cfg.interleaved, esm_codebook=ref)
 
     def _embed(self, seqs: list[str]) -> list[np.ndarray]:
         from .esm import embed, load_esm
 
         if self.model is None:
-            spec = self.cfg.esm_model or self.cb.meta["esm_model"]
-            self.model, self.alphabet, info = load_esm(spec, allow_random=self.cfg.random_weights_for_testing,
+            self.model, self.alphabet, info = load_esm(self.model_spec, allow_random=self.cfg.random_weights_for_testing,
                                                        device=self.cfg.device)
             if bool(info.get("random_weights")) != self.random_weights:
-                raise ValueError(f"{spec}: random_weights={info.get('random_weights')} but the codebook says "
-                                 f"{self.random_weights} (not the model the codebook was trained on)")
+                raise ValueError(f"{self.model_spec}: random_weights={info.get('random_weights')} but the codebook "
+                                 f"says {self.random_weights}: not the model the codebook was trained on")
+            if int(info["embed_dim"]) != self.cb.dim:
+                raise ValueError(f"{self.model_spec}: dimension {info['embed_dim']}, the codebook's is {self.cb.dim}")
         return embed(self.model, self.alphabet, seqs, layer=int(self.cb.meta["layer"]), device=self.cfg.device)
 
     def codes(self, items, k, first_index):
@@ -258,8 +260,8 @@ class _Esm(_Kind):
             embs = []
             for rec, a, b in items:
                 j = rec.index - first_index
-                if sh.ids[j] != rec.id:
-                    raise ValueError(f"{sh.path}: entry {j} is {sh.ids[j]!r}, the DB says {rec.id!r}")
+                if j >= len(sh) or sh.ids[j] != rec.id:
+                    raise ValueError(f"{sh.path}: entry {j} is not {rec.id!r} (embeddings made from another DB?)")
                 embs.append(sh.get(j))
         else:
             embs = self._embed([rec.aa for rec, _, _ in items])
@@ -268,7 +270,8 @@ class _Esm(_Kind):
             if len(e) != rec.length:
                 out.append(f"{len(e)} embedding rows for {rec.length} residues")
                 continue
-            out.append(np.asarray(self.cb.assign(np.asarray(e[a:b], dtype=np.float32)), dtype=np.int64))
+            c = np.asarray(self.cb.assign(np.asarray(e[a:b], dtype=np.float32)), dtype=np.int64)
+            out.append(c if (c >= 0).all() else "non-finite embedding vector")
         return out
 
 
@@ -305,8 +308,7 @@ def geo_fit_key(cfg: TokenizeConfig) -> dict:
     from .geotokens import VERSION as GEO_VERSION
 
     return {"db_manifest_sha256": _db_fingerprint(Path(cfg.db)), "K": cfg.geo_k, "seed": cfg.seed,
-            "max_residues": cfg.geo_fit_max_residues, "refine_iters": cfg.geo_refine_iters,
-            "beam": cfg.geo_beam, "version": GEO_VERSION}
+            "max_residues": cfg.geo_fit_max_residues, "refine_iters": cfg.geo_refine_iters, "version": GEO_VERSION}
 
 
 def sample_train_chains(db: ProteinDB, max_residues: int, seed: int) -> tuple[list, np.ndarray]:
@@ -373,7 +375,7 @@ def ensure_geo_codebook(cfg: TokenizeConfig, num_tasks: int = 1, task_index: int
     log.info("fitting geo codebook K=%d on %d train chains (%d residues)", cfg.geo_k, len(chains),
              sum(len(c) for c, _ in chains))
     cb = GeoCodebook.fit(chains, K=cfg.geo_k, seed=cfg.seed, max_residues=cfg.geo_fit_max_residues,
-                         refine_iters=cfg.geo_refine_iters, beam=cfg.geo_beam,
+                         refine_iters=cfg.geo_refine_iters,
                          meta={"fit_key": key, "fit_split": "train", "db": str(Path(cfg.db).resolve())})
     cb.fit_index = index
     cb.save(path)
