@@ -200,3 +200,42 @@ def test_cli(small_db, tmp_path):
     assert bad.returncode != 0
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ") and "checkpoint" in bad.stderr
     assert not (tmp_path / "k" / "manifest.json").exists()
+
+
+def test_esm_roundtrip_stored_and_on_the_fly(small_db, tmp_path):
+    """esm kind with a tiny RANDOM ESM-2: vectors from a full stage-02 store, and computed on the fly."""
+    from tokenfold.codebook import Codebook, fit_codebook
+    from tokenfold.esm import EmbeddingStore, ExtractConfig, embed, load_esm, run_extract, write_random_checkpoint
+    from tokenfold.esm import finalize as esm_finalize
+
+    ck = write_random_checkpoint(tmp_path / "esm2_t2_RANDOM_test.pt", num_layers=2, embed_dim=32, heads=4)
+    emb = tmp_path / "emb"
+    ecfg = ExtractConfig(db=Path(small_db), out=emb, model=str(ck), layer=2, random_weights_for_testing=True)
+    run_extract(ecfg)
+    esm_finalize(ecfg)
+    store = EmbeddingStore(emb)
+    db = ProteinDB(small_db)
+    km = fit_codebook(store.residues(db, "train")["emb"], k=16, seed=0, n_init=1)
+    cb = Codebook(km.centroids, {"esm_model": store.meta["model"], "esm_model_path": str(ck), "layer": 2,
+                                 "random_weights": True, "embeddings_dir": str(emb), "normalize": False})
+    cbp = cb.save(tmp_path / "codebook_K16.pkl")
+    with pytest.raises(ValueError, match="RANDOM"):
+        run(_cfg(small_db, tmp_path / "refused", kind="esm", codebook=str(cbp)))
+    stored, fly = tmp_path / "esm_store", tmp_path / "esm_fly"
+    run(_cfg(small_db, stored, kind="esm", codebook=str(cbp), random_weights_for_testing=True, max_length=150))
+    run(_cfg(small_db, fly, kind="esm", codebook=str(cbp), embeddings=str(tmp_path / "no_store"),
+             random_weights_for_testing=True, interleaved=True, max_length=150))
+    model, alphabet, _ = load_esm(ck, allow_random=True)
+    (vs, ex_s), (vf, ex_f) = _examples(stored), _examples(fly)
+    assert vs.meta["esm_codebook"]["random_weights"] and "RANDOM" in json.loads((stored / "report.json").read_text())["WARNING"]
+    assert vs.meta["esm_codebook"]["vectors"] == str(emb) and "on the fly" in vf.meta["esm_codebook"]["vectors"]
+    agree = []
+    for split in ("train", "val", "test"):
+        assert [r[:5] for r in ex_s[split]] == [r[:5] for r in ex_f[split]]
+        for (pid, g, crop, n, aa, cs, _), (*_, cf, _) in zip(ex_s[split], ex_f[split]):
+            k, j = db.locate(g)
+            np.testing.assert_array_equal(cs, cb.assign(store.shard(k).get(j))[crop:crop + n])
+            full = embed(model, alphabet, [db.get_global(g).aa], layer=2)[0]
+            np.testing.assert_array_equal(cf, cb.assign(full)[crop:crop + n])
+            agree.append((cs == cf).mean())
+    assert np.mean(agree) > 0.95          # stored float16 vs on-the-fly float32 vectors: same codes almost always
