@@ -7,6 +7,7 @@ PyPI package MDAnalysisTests) into data/db. Details: tokenfold/prepare.py; forma
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tokenfold import layout
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mmseqs", default=None, metavar="PATH", help="mmseqs binary (default: $TOKENFOLD_MMSEQS, else PATH)")
     s.add_argument("--mmseqs-mode", choices=("cluster", "linclust"), default="cluster",
                    help="mmseqs easy-cluster (default) or easy-linclust (linear time, for huge DBs)")
+    s.add_argument("--mmseqs-threads", type=int, default=None,
+                   help="MMseqs2 threads (default: the CPUs this process may use, e.g. the SLURM allocation)")
     s.add_argument("--no-mmseqs", action="store_true",
                    help="do not use MMseqs2: split by exact-sequence hash (the loud fallback when mmseqs is missing)")
     s.add_argument("--seed", type=int, default=0, help="seed of the cluster-to-split assignment (default: %(default)s)")
@@ -79,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_shard_args(p, "DB shards")
     return p
+
+
+def _available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def main(argv=None) -> int:
@@ -97,7 +107,7 @@ def main(argv=None) -> int:
                               chain_breaks=args.chain_breaks, break_distance=args.break_distance,
                               items_per_shard=args.items_per_shard)
         split_opts = SplitOptions(fractions=tuple(args.split_fractions), min_seq_id=args.min_seq_id,
-                                  coverage=args.coverage, seed=args.seed, threads=max(1, args.workers),
+                                  coverage=args.coverage, seed=args.seed, threads=args.mmseqs_threads or _available_cpus(),
                                   mmseqs=args.mmseqs, use_mmseqs=not args.no_mmseqs, mmseqs_mode=args.mmseqs_mode)
     except ValueError as e:
         die(str(e))

@@ -199,10 +199,6 @@ class Plan:
         ips = self.options["items_per_shard"]
         return k * ips, min((k + 1) * ips, self.n_items)
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        return d
-
 
 def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
     from .foldseek import open_db
@@ -286,6 +282,8 @@ class Chunk:
     @classmethod
     def concat(cls, chunks: Sequence["Chunk"]) -> "Chunk":
         chunks = [c for c in chunks if len(c)] or [cls.from_records([])]
+        if len(chunks) == 1:
+            return chunks[0]
         cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
         return cls(sum((c.ids for c in chunks), []), sum((c.source for c in chunks), []),
                    sum((c.origin for c in chunks), []), cat("lengths"), cat("aa"), cat("ss"),
@@ -462,18 +460,25 @@ def ingest_foldseek_range(prefix: str, a: int, b: int, opts: PrepareOptions) -> 
     gap = np.zeros(R, dtype=bool)
     ca = bt.ca if bt.ca is not None else np.full((R, 3), np.nan, dtype=np.float32)
     if bt.ca is not None and R > 1:
-        d = np.linalg.norm(np.diff(ca, axis=0), axis=1)
-        gap[1:] = ~(d <= opts.break_distance)
+        step = np.diff(ca, axis=0)
+        gap[1:] = ~(np.einsum("ij,ij->i", step, step) <= opts.break_distance ** 2)
         gap[starts[:-1][L > 0]] = False
-        gap &= np.repeat(bt.has_ca, L)
+        if not bt.has_ca.all():
+            gap &= np.repeat(bt.has_ca, L)
     ss = bt.ss if bt.ss is not None else np.zeros(R, dtype=np.uint8)
-    kr = np.repeat(keep, L)
+    if bt.ss is not None and not bt.has_ss.all():
+        ss = np.where(np.repeat(bt.has_ss, L), ss, 0).astype(np.uint8)
     kept = np.flatnonzero(keep)
-    res.chunk = Chunk(ids=[bt.ids[j] for j in kept], source=["foldseek"] * len(kept),
-                      origin=[f"{prefix}#{int(k)}" for k in bt.keys[kept]], lengths=L[kept].astype(np.int64),
-                      aa=aa[kr], ss=np.where(np.repeat(bt.has_ss, L), ss, 0).astype(np.uint8)[kr],
-                      ca=ca[kr], plddt=np.full(int(kr.sum()), np.nan, dtype=np.float32), gap_before=gap[kr],
-                      has_ss=bt.has_ss[kept], has_ca=bt.has_ca[kept], has_plddt=np.zeros(len(kept), dtype=bool))
+    if len(kept) == n:  # the usual case: no copies
+        sel = slice(None)
+    else:
+        sel = np.repeat(keep, L)
+    res.chunk = Chunk(ids=[bt.ids[j] for j in kept] if len(kept) < n else list(bt.ids),
+                      source=["foldseek"] * len(kept),
+                      origin=[f"{prefix}#{k}" for k in bt.keys[kept].tolist()], lengths=L[kept].astype(np.int64),
+                      aa=aa[sel], ss=ss[sel], ca=ca[sel], plddt=np.full(int(L[kept].sum()), np.nan, dtype=np.float32),
+                      gap_before=gap[sel], has_ss=bt.has_ss[kept], has_ca=bt.has_ca[kept],
+                      has_plddt=np.zeros(len(kept), dtype=bool))
     return res
 
 
@@ -523,9 +528,13 @@ def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | 
         if kind == "structure":
             jobs = [(plan.structure_files[i], plan.structure_bases[i], opts) for i in range(la, lb)]
             results = pool.imap(_structure_job, jobs, chunksize=4) if pool is not None else map(_structure_job, jobs)
-            for r in results:
+            last_log = time.time()
+            for i, r in enumerate(results, 1):
                 collect(r, kind, pending)
                 bar.update(1)
+                if time.time() - last_log > 60:
+                    last_log = time.time()
+                    log.info("shard %d: %d/%d structure files, %.0f files/s", k, i, lb - la, i / (last_log - t0))
         elif kind == "foldseek":
             collect(ingest_foldseek_range(plan.foldseek[src]["prefix"], la, lb, opts), kind, pending)
             bar.update(b - a)
@@ -665,50 +674,116 @@ def _my_shards(n_shards: int, num_tasks: int, task_index: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- finalize
+def _shard_ids(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids as fixed-width bytes, lengths) of one shard, without loading its residue arrays."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ids = f["id"][()]  # bytes objects (vlen UTF-8 read raw)
+        lengths = np.diff(f["offsets"][()])
+    return np.array(ids, dtype="S") if len(ids) else np.zeros(0, dtype="S1"), lengths
+
+
+def _write_sequences(out: Path, plan: Plan, include: np.ndarray, fasta: Path, starts: np.ndarray) -> np.ndarray:
+    """Stream the included entries' sequences, shard by shard, into a FASTA named by position
+    among the included (what MMseqs2 clusters); returns a 16-byte hash per included sequence
+    (the exact-sequence fallback). Nothing but one shard's amino acids is held in memory."""
+    import hashlib
+
+    import h5py
+
+    hashes = np.zeros((int(include.sum()), 16), dtype=np.uint8)
+    pos = 0
+    with atomic_path(fasta) as tmp, open(tmp, "w") as fh:
+        for k in range(plan.n_shards):
+            with h5py.File(shard_paths(out, k)["h5"], "r") as f:
+                offs = f["offsets"][()]
+                aa = f["aa"][()].tobytes().decode("ascii")
+            inc = include[starts[k]:starts[k + 1]]
+            lines = []
+            for j in np.flatnonzero(inc).tolist():
+                seq = aa[offs[j]:offs[j + 1]]
+                hashes[pos] = np.frombuffer(hashlib.blake2b(seq.encode(), digest_size=16).digest(), dtype=np.uint8)
+                lines.append(f">{pos}\n{seq}\n")
+                pos += 1
+            fh.write("".join(lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return hashes
+
+
+def _concat_texts(paths: Sequence[Path], dest: Path, extra: Sequence[tuple] = ()) -> None:
+    with atomic_path(dest) as tmp, open(tmp, "w") as out:
+        for p in paths:
+            with open(p) as f:
+                shutil.copyfileobj(f, out)
+        out.write("".join(_tsv_line(*r) for r in extra))
+
+
 def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
+    """Merge the shards' reports and rejects, exclude later duplicate ids, split by clusters, write
+    split.npy, cluster.npy, rejects.tsv, notes.tsv, report.json/png and, last, manifest.json.
+
+    Memory: the ids (fixed-width bytes), lengths and a 16-byte hash per entry, plus one shard at a
+    time; sequences go to MMseqs2 through a FASTA file streamed shard by shard.
+    """
     from . import split as SP
-    from .db import DBShard
 
     t0 = time.time()
-    shard_infos, reports = [], []
-    ids_all, seqs_all, lengths_all, origins_all = [], [], [], []
+    shard_infos, reports, id_parts, len_parts = [], [], [], []
     for k in range(plan.n_shards):
         p = shard_paths(out, k)
-        sh = DBShard(p["h5"])
-        a = sh.arrays
-        shard_infos.append({"file": f"shards/{p['h5'].name}", "n_entries": sh.n_entries, "n_residues": sh.n_residues})
-        offs = a["offsets"]
-        aa = a["aa"].tobytes().decode("ascii")
-        seqs_all.extend(aa[offs[j]:offs[j + 1]] for j in range(sh.n_entries))
-        ids_all.extend(a["id"].tolist())
-        origins_all.extend(a["origin"].tolist())
-        lengths_all.append(np.diff(offs))
-        sh.release()
+        ids, lengths = _shard_ids(p["h5"])
+        shard_infos.append({"file": f"shards/{p['h5'].name}", "n_entries": int(len(ids)), "n_residues": int(lengths.sum())})
+        id_parts.append(ids)
+        len_parts.append(lengths)
         reports.append(read_json(p["report"]))
-    n = len(ids_all)
+    starts = np.concatenate([[0], np.cumsum([len(x) for x in id_parts])]).astype(np.int64)
+    n = int(starts[-1])
     if n == 0:
         reasons = Counter()
         for r in reports:
             reasons.update(r["rejected_by_reason"])
         top = ", ".join(f"{k} x{v}" for k, v in reasons.most_common(3)) or "no items"
         raise PlanMismatch(f"nothing could be ingested ({top}); see {out / 'work'}/*.rejects.tsv")
-    lengths = np.concatenate(lengths_all)
+    lengths = np.concatenate(len_parts)
+    width = max(x.dtype.itemsize for x in id_parts)
+    ids = np.concatenate([x.astype(f"S{width}") for x in id_parts])
+    del id_parts
 
     # later duplicates of an id are excluded (kept in the shard files, hidden by ProteinDB)
-    first: dict[str, int] = {}
+    _, first_idx, inverse = np.unique(ids, return_index=True, return_inverse=True)
+    first_of = first_idx[inverse.ravel()]
     codes = np.zeros(n, dtype=np.uint8)
+    dups = np.flatnonzero(first_of != np.arange(n))
+    codes[dups] = EXCLUDED
     dup_rejects = []
-    for i, pid in enumerate(ids_all):
-        j = first.setdefault(pid, i)
-        if j != i:
-            codes[i] = EXCLUDED
-            dup_rejects.append((origins_all[i], pid, f"duplicate id: same id as entry #{j} from {origins_all[j]}; excluded (split code 3)"))
-    included = np.flatnonzero(codes != EXCLUDED)
-    inc_seqs = [seqs_all[i] for i in included]
-    clus = SP.cluster_sequences(inc_seqs, out / "work", split_opts.min_seq_id, split_opts.coverage,
-                                split_opts.threads, split_opts.mmseqs, split_opts.use_mmseqs,
-                                split_opts.mmseqs_mode)
-    inc_codes = SP.assign_splits(clus.rep, inc_seqs, split_opts.fractions, split_opts.seed)
+    if len(dups):
+        origins = {}
+        for g in np.concatenate([dups, first_of[dups]]).tolist():
+            origins.setdefault(g, None)
+        for k in range(plan.n_shards):  # origins only of the entries involved
+            want = [g for g in origins if starts[k] <= g < starts[k + 1]]
+            if want:
+                import h5py
+
+                with h5py.File(shard_paths(out, k)["h5"], "r") as f:
+                    o = f["origin"]
+                    for g in want:
+                        origins[g] = o[g - starts[k]].decode()
+        for g in dups.tolist():
+            j = int(first_of[g])
+            dup_rejects.append((origins[g], ids[g].decode(), f"duplicate id: same id as entry #{j} from {origins[j]}; excluded (split code 3)"))
+    include = codes != EXCLUDED
+    included = np.flatnonzero(include)
+    fasta = out / "work" / "included.fasta"
+    hashes = _write_sequences(out, plan, include, fasta, starts)
+    try:
+        clus = SP.cluster_fasta(fasta, hashes, out / "work", split_opts.min_seq_id, split_opts.coverage,
+                                split_opts.threads, split_opts.mmseqs, split_opts.use_mmseqs, split_opts.mmseqs_mode)
+    finally:
+        fasta.unlink(missing_ok=True)
+    inc_codes = SP.assign_splits(clus.rep, ids[included], split_opts.fractions, split_opts.seed)
     codes[included] = inc_codes
     cluster = np.full(n, -1, dtype=np.int64)
     cluster[included] = included[clus.rep]
@@ -717,10 +792,8 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
         np.save(tmp, codes)
     with atomic_path(out / "cluster.npy", suffix=".npy") as tmp:
         np.save(tmp, cluster)
-    rej_text = "".join(Path(shard_paths(out, k)["rejects"]).read_text() for k in range(plan.n_shards))
-    rej_text += "".join(_tsv_line(*r) for r in dup_rejects)
-    write_text_atomic(out / "rejects.tsv", rej_text)
-    write_text_atomic(out / "notes.tsv", "".join(Path(shard_paths(out, k)["notes"]).read_text() for k in range(plan.n_shards)))
+    _concat_texts([shard_paths(out, k)["rejects"] for k in range(plan.n_shards)], out / "rejects.tsv", dup_rejects)
+    _concat_texts([shard_paths(out, k)["notes"] for k in range(plan.n_shards)], out / "notes.tsv")
 
     report = _final_report(plan, reports, lengths, codes, cluster, clus, split_opts, len(dup_rejects))
     report["seconds_finalize"] = round(time.time() - t0, 2)

@@ -1,9 +1,10 @@
 """Train/val/test split by sequence clusters: MMseqs2 `easy-cluster`, whole clusters per split.
 
-`cluster_sequences` returns, for each entry, the index of its cluster representative:
-MMseqs2 when it is on PATH (default 30 % identity, 80 % coverage), else -- loudly -- one cluster
-per exact sequence (a hash), which still keeps identical chains in one split but lets homologs
-straddle splits. `assign_splits` then deals whole clusters to train/val/test in a seeded order.
+`cluster_fasta` (streamed FASTA) / `cluster_sequences` (in memory) return, for each entry, the
+position of its cluster representative: MMseqs2 when it is on PATH (default 30 % identity, 80 %
+coverage), else -- loudly -- one cluster per exact sequence (a hash), which still keeps identical
+chains in one split but lets homologs straddle splits. `assign_splits` then deals whole clusters
+to train/val/test in an order seeded by `seed` and the representatives' ids.
 """
 from __future__ import annotations
 
@@ -39,69 +40,92 @@ def find_mmseqs(explicit: str | None = None) -> str | None:
     return shutil.which("mmseqs")
 
 
-def exact_hash_clusters(seqs: Sequence[str]) -> np.ndarray:
-    """One cluster per distinct sequence; the representative is its first occurrence."""
-    first: dict[str, int] = {}
-    rep = np.empty(len(seqs), dtype=np.int64)
+def sequence_hashes(seqs: Sequence[str]) -> np.ndarray:
+    """uint8 [n, 16]: a BLAKE2b digest of each sequence."""
+    out = np.zeros((len(seqs), 16), dtype=np.uint8)
     for i, s in enumerate(seqs):
-        h = hashlib.blake2b(s.encode(), digest_size=16).digest()
-        rep[i] = first.setdefault(h, i)
-    return rep
+        out[i] = np.frombuffer(hashlib.blake2b(s.encode(), digest_size=16).digest(), dtype=np.uint8)
+    return out
+
+
+def exact_hash_clusters(hashes: np.ndarray) -> np.ndarray:
+    """One cluster per distinct sequence hash; the representative is its first occurrence."""
+    if len(hashes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rows = np.ascontiguousarray(hashes).view(f"V{hashes.shape[1]}").ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return first[inverse.ravel()].astype(np.int64)
 
 
 MODES = {"cluster": "easy-cluster", "linclust": "easy-linclust"}
 
 
-def mmseqs_clusters(seqs: Sequence[str], mmseqs: str, workdir: str | os.PathLike, min_seq_id: float = 0.3,
+def mmseqs_clusters(fasta: str | os.PathLike, n: int, mmseqs: str, workdir: str | os.PathLike, min_seq_id: float = 0.3,
                     coverage: float = 0.8, threads: int = 1, mode: str = "cluster") -> tuple[np.ndarray, str]:
-    """Cluster with `mmseqs easy-cluster` (or `easy-linclust`: linear time, less sensitive, no ~1 GB
-    prefilter index: for very large or very small inputs). Names are positions, so ids never
-    confuse MMseqs2."""
+    """Cluster a FASTA whose records are named 0..n-1 with `mmseqs easy-cluster` (or
+    `easy-linclust`: linear time, less sensitive, no ~1 GB prefilter index: for very large or very
+    small inputs). Returns the representative position of each record and the command."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     run = Path(tempfile.mkdtemp(prefix="mmseqs_", dir=workdir))
     try:
-        fasta = run / "in.fasta"
-        with open(fasta, "w") as f:
-            for i, s in enumerate(seqs):
-                f.write(f">{i}\n{s}\n")
         cmd = [mmseqs, MODES[mode], str(fasta), str(run / "out"), str(run / "tmp"),
                "--min-seq-id", str(min_seq_id), "-c", str(coverage), "--cov-mode", "0",
                "--threads", str(threads), "-v", "1"]
+        log.info("clustering %d sequences: %s", n, " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"mmseqs {MODES[mode]} failed (exit {proc.returncode}): {' | '.join(tail)}")
-        rep = np.arange(len(seqs), dtype=np.int64)  # anything MMseqs2 leaves out is its own cluster
+        rep = np.arange(n, dtype=np.int64)  # anything MMseqs2 leaves out is its own cluster
         tsv = np.loadtxt(run / "out_cluster.tsv", dtype=np.int64, ndmin=2)
         if len(tsv):
             rep[tsv[:, 1]] = tsv[:, 0]
-        return rep, " ".join(["mmseqs", *cmd[1:2], "--min-seq-id", str(min_seq_id), "-c", str(coverage), "--cov-mode", "0"])
+        return rep, f"mmseqs {MODES[mode]} --min-seq-id {min_seq_id} -c {coverage} --cov-mode 0"
     finally:
         shutil.rmtree(run, ignore_errors=True)
 
 
-def cluster_sequences(seqs: Sequence[str], workdir: str | os.PathLike, min_seq_id: float = 0.3,
-                      coverage: float = 0.8, threads: int = 1, mmseqs: str | None = None,
-                      use_mmseqs: bool = True, mode: str = "cluster") -> Clustering:
-    """MMseqs2 clusters, or the exact-sequence fallback (with a warning) when MMseqs2 is missing."""
+def cluster_fasta(fasta: str | os.PathLike, hashes: np.ndarray, workdir: str | os.PathLike, min_seq_id: float = 0.3,
+                  coverage: float = 0.8, threads: int = 1, mmseqs: str | None = None, use_mmseqs: bool = True,
+                  mode: str = "cluster") -> Clustering:
+    """MMseqs2 clusters of a FASTA named 0..n-1, or the exact-sequence fallback (from `hashes`,
+    uint8 [n, 16], one per record) with a warning when MMseqs2 is missing or disabled."""
+    n = len(hashes)
     exe = find_mmseqs(mmseqs) if use_mmseqs else None
     if exe is None:
         why = "mmseqs disabled by option" if not use_mmseqs else "mmseqs not found on PATH"
         log.warning("FALLBACK SPLIT: %s; splitting by exact-sequence hash, so homologous chains can "
                     "land in different splits. Install MMseqs2 (apt-get install mmseqs2) for a real split.", why)
-        return Clustering(exact_hash_clusters(seqs), "exact-sequence-hash", why)
-    if len(seqs) == 0:
+        return Clustering(exact_hash_clusters(hashes), "exact-sequence-hash", why)
+    if n == 0:
         return Clustering(np.zeros(0, np.int64), "mmseqs", "no sequences")
     if mode not in MODES:
         raise ValueError(f"mmseqs mode must be one of {sorted(MODES)}, got {mode!r}")
-    rep, cmd = mmseqs_clusters(seqs, exe, workdir, min_seq_id, coverage, threads, mode)
+    rep, cmd = mmseqs_clusters(fasta, n, exe, workdir, min_seq_id, coverage, threads, mode)
     return Clustering(rep, "mmseqs", cmd)
 
 
-def _cluster_key(seed: int, rep_seq: str) -> int:
-    """Seeded, order-independent rank of a cluster: a hash of the seed and its representative."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}\t{rep_seq}".encode(), digest_size=8).digest(), "little")
+def cluster_sequences(seqs: Sequence[str], workdir: str | os.PathLike, min_seq_id: float = 0.3,
+                      coverage: float = 0.8, threads: int = 1, mmseqs: str | None = None,
+                      use_mmseqs: bool = True, mode: str = "cluster") -> Clustering:
+    """`cluster_fasta` for sequences in memory (small inputs)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix="seqs_", suffix=".fasta", dir=workdir)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f">{i}\n{s}\n" for i, s in enumerate(seqs)))
+        return cluster_fasta(name, sequence_hashes(seqs), workdir, min_seq_id, coverage, threads, mmseqs,
+                             use_mmseqs, mode)
+    finally:
+        os.unlink(name)
+
+
+def _cluster_key(seed: int, key) -> int:
+    """Seeded, order-independent rank of a cluster: a hash of the seed and its representative's key."""
+    k = bytes(key) if isinstance(key, bytes) else str(key).encode()
+    return int.from_bytes(hashlib.blake2b(f"{seed}\t".encode() + k, digest_size=8).digest(), "little")
 
 
 def assign_splits(rep: np.ndarray, rep_keys: Sequence[str], fractions: Sequence[float], seed: int) -> np.ndarray:
@@ -111,7 +135,7 @@ def assign_splits(rep: np.ndarray, rep_keys: Sequence[str], fractions: Sequence[
     result does not depend on input order), and each goes to the split furthest below its target
     share. When a split with a positive fraction ends up empty and another split holds more than one
     cluster, the smallest cluster of the biggest split moves there, so small DBs still get all three.
-    `rep_keys[i]` identifies the cluster whose representative is entry i (e.g. its sequence).
+    `rep_keys[i]` identifies the cluster whose representative is entry i (its id; str or bytes).
     """
     n = len(rep)
     frac = np.asarray(fractions, dtype=np.float64)

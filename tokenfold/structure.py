@@ -145,7 +145,7 @@ def read_bytes(path: str | Path) -> bytes:
 
 def sniff_format(text: str) -> str:
     """'cif' or 'pdb' from the content (files may have no or misleading extensions)."""
-    for line in text.splitlines()[:5000]:
+    for line in text.split("\n", 5000)[:5000]:
         s = line.strip()
         if not s or s.startswith("#"):
             continue
