@@ -280,21 +280,28 @@ class GeoCodebook:
         START/BREAK begins a new segment (so does a geometric code in position 0)."""
         return self.decode_many([codes])[0]
 
-    def decode_many(self, code_lists: Sequence) -> list[np.ndarray]:
+    def decode_many(self, code_lists: Sequence, batch: int = 256) -> list[np.ndarray]:
+        """`decode` for many code sequences (vectorised over sequences of similar length)."""
         codes = [np.asarray(c, dtype=np.int64) for c in code_lists]
         for c in codes:
             if c.ndim != 1 or (c.size and (c.min() < 0 or c.max() >= self.n_tokens)):
                 raise ValueError(f"geo codes must be a 1-D sequence in 0..{self.n_tokens - 1}")
+        out: list[np.ndarray | None] = [None] * len(codes)
+        order = sorted(range(len(codes)), key=lambda j: -len(codes[j]))
+        for b0 in range(0, len(order), batch):
+            idx = order[b0:b0 + batch]
+            for j, x in zip(idx, self._decode_batch([codes[j] for j in idx])):
+                out[j] = x
+        return out  # type: ignore[return-value]
+
+    def _decode_batch(self, codes: list[np.ndarray]) -> list[np.ndarray]:
         n = np.array([len(c) for c in codes], dtype=np.int64)
         B, Lmax = len(codes), int(n.max()) if len(codes) else 0
         cm = np.zeros((B, Lmax), dtype=np.int64)
         seg = np.full((B, Lmax), -1, dtype=np.int64)
         for b, c in enumerate(codes):
             cm[b, :len(c)] = c
-            st = c >= self.K
-            if len(c):
-                st[0] = True
-            seg[b, :len(c)] = segment_positions(st)
+            seg[b, :len(c)] = segment_positions(self.segments(c))
         xs = np.zeros((B, Lmax, 3))
         hist = np.zeros((B, 3, 3))
         for i in range(Lmax):

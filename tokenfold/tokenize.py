@@ -112,6 +112,7 @@ class _Kind:
     """What differs between kinds: the vocabulary and the codes of a batch of (cropped) chains."""
 
     needs = "nothing"      # which DB data an entry must have: ss | ca | nothing
+    chunk = 512            # chains handed to `codes` at a time (bounds memory)
 
     def __init__(self, cfg: TokenizeConfig):
         self.cfg = cfg
@@ -196,6 +197,7 @@ class _Esm(_Kind):
     codebook's own model and layer (`tokenfold.esm.embed`, same windowing rule as stage 02)."""
 
     needs = "nothing"      # a sequence is enough
+    chunk = 64             # on-the-fly vectors of a 650M ESM-2: 64 chains x 300 x 1280 floats ~ 100 MB
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -429,9 +431,10 @@ def tokenize_db_shard(cfg: TokenizeConfig, db: ProteinDB, k: int, kind: _Kind, v
         items.append((shard.record(j), start, start + min(L, cfg.max_length)))
     results: list = []
     bar = progress(total=len(items), desc=f"shard {k} {cfg.name}", unit="chain")
-    for b0 in range(0, len(items), 512):
-        results.extend(kind.codes(items[b0:b0 + 512], k, shard.first_index))
-        bar.update(len(items[b0:b0 + 512]))
+    for b0 in range(0, len(items), kind.chunk):
+        part = items[b0:b0 + kind.chunk]
+        results.extend(kind.codes(part, k, shard.first_index))
+        bar.update(len(part))
     bar.close()
     extra = kind.extra(items, results)
     writers = {s: TokenShardWriter(out, s, k) for s in SPLITS}
