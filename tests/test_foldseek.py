@@ -115,3 +115,25 @@ def test_compressed_or_broken_db_gives_one_line_error(tmp_path):
     (tmp_path / "cut").write_bytes(data[: len(data) // 2])
     with pytest.raises(F.FoldseekFormatError, match="past the end"):
         F.FoldseekDB(tmp_path / "cut").read_range(0, 50)
+
+
+def test_data_split_over_numbered_files(tmp_path):
+    """MMseqs2 may keep a DB's data as PREFIX.0, PREFIX.1, ... with offsets through their concatenation."""
+    fdb = need_shared("foldseek_db")
+    ref = F.FoldseekDB(fdb / "shared").read_range(0, 10**9)
+    for suf in ("", "_ss", "_ca", "_h"):
+        src = f"{fdb / 'shared'}{suf}"
+        rows = [line.split("\t") for line in open(f"{src}.index")]
+        cut = int(rows[len(rows) // 2][1])  # an entry boundary in the middle
+        data = open(src, "rb").read()
+        open(f"{tmp_path / 'db'}{suf}.0", "wb").write(data[:cut])
+        open(f"{tmp_path / 'db'}{suf}.1", "wb").write(data[cut:])
+        shutil.copy(f"{src}.index", f"{tmp_path / 'db'}{suf}.index")
+        shutil.copy(f"{src}.dbtype", f"{tmp_path / 'db'}{suf}.dbtype")
+    db = F.FoldseekDB(tmp_path / "db")
+    assert len(db.aa.parts) == 2 and not db.missing
+    got = db.read_range(0, 10**9)
+    assert got.ids == ref.ids
+    np.testing.assert_array_equal(got.aa, ref.aa)
+    np.testing.assert_array_equal(got.ss, ref.ss)
+    np.testing.assert_array_equal(got.ca, ref.ca)

@@ -6,7 +6,9 @@ A Foldseek structure DB `PREFIX` is four MMseqs2 databases (format facts: ../sha
     PREFIX_ca   C-alpha coordinates (two storage modes)  PREFIX_h   headers "name title\\n\\0"
 
 each with `.index` (lines "key<TAB>offset<TAB>length", length including the trailing NUL) and
-`.dbtype` (int32; bit 31 = zstd-compressed entries). Nothing is loaded whole: the index is scanned
+`.dbtype` (int32; bit 31 = zstd-compressed entries). The data may also be split over
+`PREFIX.0, PREFIX.1, ...` (MMseqs2 writers with several threads), with index offsets counting
+through their concatenation. Nothing is loaded whole: the index is scanned
 in chunks once to find line offsets (every `CHECKPOINT` lines), a range of entries is parsed from
 its slice of the index, and the data are gathered from the mmap'd files with vectorised numpy
 (no per-residue Python; per-entry Python only for the header ids).
@@ -64,8 +66,9 @@ class IndexedFile:
         self.index_path = Path(f"{self.path}.index")
         if not self.index_path.exists():
             raise FoldseekFormatError(f"{self.index_path}: missing")
-        if not self.path.exists():
-            raise FoldseekFormatError(f"{self.path}: missing data file")
+        self.data_paths = data_files(self.path)
+        if not self.data_paths:
+            raise FoldseekFormatError(f"{self.path}: missing data file (neither {self.path.name} nor {self.path.name}.0)")
         dt = Path(f"{self.path}.dbtype")
         self.dbtype = read_dbtype(dt) if dt.exists() else None
         if self.dbtype is not None and self.dbtype & COMPRESSED_BIT:
@@ -73,9 +76,13 @@ class IndexedFile:
                 f"{self.path}: zstd-compressed database (dbtype bit 31); decompress it first: "
                 f"mmseqs decompress {self.path} {self.path}_plain")
         self._index_mm = self._mmap(self.index_path)
-        self._data_mm = self._mmap(self.path)
-        self.data = (np.frombuffer(self._data_mm, dtype=np.uint8) if self._data_mm is not None
-                     else np.zeros(0, dtype=np.uint8))
+        # MMseqs2 may keep a DB's data in several files (PREFIX.0, PREFIX.1, ... one per writer
+        # thread); index offsets then count through their concatenation
+        self._data_mm = [self._mmap(p) for p in self.data_paths]
+        self.parts = [np.frombuffer(m, dtype=np.uint8) if m is not None else np.zeros(0, dtype=np.uint8)
+                      for m in self._data_mm]
+        self.part_starts = np.concatenate([[0], np.cumsum([len(a) for a in self.parts])]).astype(np.int64)
+        self.data = self.parts[0] if len(self.parts) == 1 else None
         self._checkpoints: np.ndarray | None = None
         self._n: int | None = None
         self._all: tuple | None = None
@@ -164,12 +171,45 @@ class IndexedFile:
         return self.rows_for_keys(keys)
 
     # -- data
+    def by_part(self, offsets: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """[(entry positions, their offsets within the part, part bytes)] for each data file used."""
+        if len(self.parts) == 1:
+            return [(np.arange(len(offsets)), np.asarray(offsets), self.parts[0])]
+        part = np.searchsorted(self.part_starts, offsets, side="right") - 1
+        out = []
+        for p in np.unique(part).tolist():
+            e = np.flatnonzero(part == p)
+            out.append((e, offsets[e] - self.part_starts[p], self.parts[max(p, 0)]))
+        return out
+
     def gather(self, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
         """uint8: the first counts[j] bytes of each entry at offsets[j], concatenated."""
-        idx = _ragged_arange(offsets, counts)
-        if len(idx) and int(idx[-1]) >= len(self.data):
-            raise FoldseekFormatError(f"{self.path}: index points past the end of the data file")
-        return self.data[idx]
+        counts = np.asarray(counts, dtype=np.int64)
+        groups = self.by_part(np.asarray(offsets, dtype=np.int64))
+        if len(groups) == 1:
+            e, local, data = groups[0]
+            idx = _ragged_arange(local, counts)
+            if len(idx) and (int(idx.max()) >= len(data) or int(idx.min()) < 0):
+                raise FoldseekFormatError(f"{self.path}: index points past the end of the data file")
+            return data[idx]
+        out = np.zeros(int(counts.sum()), dtype=np.uint8)
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        for e, local, data in groups:
+            idx = _ragged_arange(local, counts[e])
+            if len(idx) and (int(idx.max()) >= len(data) or int(idx.min()) < 0):
+                raise FoldseekFormatError(f"{self.path}: index points past the end of the data file")
+            out[_ragged_arange(first[e], counts[e])] = data[idx]
+        return out
+
+
+def data_files(path: Path) -> list[Path]:
+    """The data file(s) of an MMseqs2 DB: PATH, else PATH.0, PATH.1, ... (as MMseqs2 looks them up)."""
+    if path.exists():
+        return [path]
+    out = []
+    while Path(f"{path}.{len(out)}").exists():
+        out.append(Path(f"{path}.{len(out)}"))
+    return out
 
 
 @dataclass
@@ -203,7 +243,7 @@ class FoldseekDB:
 
     def _optional(self, suffix: str) -> IndexedFile | None:
         p = Path(f"{self.prefix}{suffix}")
-        return IndexedFile(p) if Path(f"{p}.index").exists() and p.exists() else None
+        return IndexedFile(p) if Path(f"{p}.index").exists() and data_files(p) else None
 
     def __len__(self) -> int:
         return len(self.aa)
@@ -264,8 +304,8 @@ class FoldseekDB:
         return self._lookup.get(key, f"{self.prefix.name}_{key}")
 
 
-def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [sum(L), 3] C-alpha of the entries `rows` (both storage modes) and a has_ca mask.
+def _decode_ca_part(data: np.ndarray, path, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`decode_ca` for entries whose offsets point into one data array.
 
     Entries missing from `_ca` (row -1) or with a length that fits neither mode get NaN and
     has_ca False. Compressed entries are read through int16 views of the mmap (one per byte
@@ -279,14 +319,14 @@ def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarr
     is_diff = present & ~is_float & (ln == 6 * L + 8) & (L > 0)
     first = np.concatenate([[0], np.cumsum(L)[:-1]]).astype(np.int64)
     end = off + np.where(is_float, 12 * L, 6 * L + 6)
-    if (present & (is_float | is_diff)).any() and int(end[is_float | is_diff].max()) > len(f.data):
-        raise FoldseekFormatError(f"{f.path}: index points past the end of the data file")
+    if (present & (is_float | is_diff)).any() and int(end[is_float | is_diff].max()) > len(data):
+        raise FoldseekFormatError(f"{path}: index points past the end of the data file")
     if is_float.any():
         for parity in (0, 1, 2, 3):
             e = np.flatnonzero(is_float & (off % 4 == parity))
             if not len(e):
                 continue
-            view = f.data[parity: parity + (len(f.data) - parity) // 4 * 4].view("<f4")
+            view = data[parity: parity + (len(data) - parity) // 4 * 4].view("<f4")
             base = (off[e] - parity) // 4
             dest = _ragged_arange(first[e], L[e])
             for axis in range(3):
@@ -296,7 +336,7 @@ def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarr
             e = np.flatnonzero(is_diff & (off % 2 == parity))
             if not len(e):
                 continue
-            view = f.data[parity: parity + (len(f.data) - parity) // 2 * 2].view("<i2")
+            view = data[parity: parity + (len(data) - parity) // 2 * 2].view("<i2")
             Le = L[e]
             Re = int(Le.sum())
             whole = len(e) == len(L)  # every entry: destination rows are simply 0..R-1
@@ -319,6 +359,32 @@ def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarr
                     cs -= np.repeat(cs[loc_first] - start, Le)
                 out[dest, axis] = cs / 1000.0
     return out, is_float | is_diff
+
+
+def decode_ca(f: IndexedFile, rows: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [sum(L), 3] C-alpha of the entries `rows` (both storage modes) and a has_ca mask.
+
+    Entries missing from `_ca` (row -1) or with a length that fits neither mode get NaN and
+    has_ca False. Compressed entries are read through int16 views of the mmap (one per byte
+    parity, since float entries of odd length shift the alignment of those after them).
+    """
+    present = rows[:, 0] >= 0
+    groups = f.by_part(np.where(present, rows[:, 1], 0))
+    if len(groups) == 1:
+        e, local, data = groups[0]
+        r = rows.copy()
+        r[:, 1] = local
+        return _decode_ca_part(data, f.path, r, L)
+    out = np.full((int(L.sum()), 3), np.nan, dtype=np.float32)
+    has = np.zeros(len(L), dtype=bool)
+    first = np.concatenate([[0], np.cumsum(L)[:-1]]).astype(np.int64)
+    for e, local, data in groups:
+        r = rows[e].copy()
+        r[:, 1] = local
+        o, h = _decode_ca_part(data, f.path, r, L[e])
+        out[_ragged_arange(first[e], L[e])] = o
+        has[e] = h
+    return out, has
 
 
 _DB_CACHE: dict = {}
