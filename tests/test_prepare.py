@@ -180,6 +180,12 @@ def test_sigkill_then_rerun_equals_uninterrupted(reference_db, tmp_path):
     assert _db_state(out) == _db_state(reference_db)
 
 
+def test_workers_give_the_same_db(reference_db, tmp_path):
+    out = tmp_path / "db"
+    P.run(P.Inputs(structures=_some_files()), out, P.PrepareOptions(items_per_shard=4), FAST_SPLIT, workers=2)
+    assert _db_state(out) == _db_state(reference_db)
+
+
 def test_slurm_array_tasks_then_finalize_equal_unsharded(reference_db, tmp_path):
     out = tmp_path / "db"
     args = (P.Inputs(structures=_some_files()), out, P.PrepareOptions(items_per_shard=4), FAST_SPLIT)

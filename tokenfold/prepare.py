@@ -46,7 +46,6 @@ from .utils import atomic_path, progress, read_json, write_json_atomic, write_te
 log = logging.getLogger("tokenfold.prepare")
 
 STD_AA = set("ACDEFGHIKLMNPQRSTVWY")
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # the mmCIF entries MDAnalysisTests ships as real, valid files (the others are deliberately broken,
 # truncated or customised copies); 1YJP ships twice (.cif and .cif.gz): the plain one is used
 _EMBEDDED_MMCIF = ("1BD2.cif.gz", "3KPR.cif.gz", "3PWP.cif.gz", "5PTI.cif.gz", "7ETN.cif.gz", "1YJP.cif")
@@ -104,8 +103,8 @@ class Inputs:
 def embedded_default_inputs() -> list[Path]:
     """The embedded default dataset: real PDB/mmCIF files that the PyPI package MDAnalysisTests ships.
 
-    MDAnalysisTests/data/dssp/*.pdb.gz (49 single chains; ``1mr1D_failing`` is a doctored copy of
-    1mr1D and is left out) plus the valid mmCIF entries of MDAnalysisTests/data/mmcif (each entry
+    MDAnalysisTests/data/dssp/*.pdb.gz (49 files of one chain each; ``1mr1D_failing`` is a doctored
+    copy of 1mr1D and is left out) plus the valid mmCIF entries of MDAnalysisTests/data/mmcif (each entry
     once: 1BD2, 3KPR, 3PWP as .cif.gz rather than their .pdb.gz twins; 5PTI; 7ETN; 1YJP).
     """
     try:
