@@ -459,11 +459,13 @@ def tokenize_db_shard(cfg: TokenizeConfig, db: ProteinDB, k: int, kind: _Kind, v
     with atomic_path(out / "work" / f"shard_{k:05d}.npz", suffix=".npz") as tmp:
         np.savez(tmp, **stats)
     write_text_atomic(out / "work" / f"shard_{k:05d}.rejects.tsv", "".join(f"{p}\t{r}\n" for p, r in rejects))
+    per_split = {}
+    for s in SPLITS:
+        m = stats["split"] == SPLIT_CODES[s]
+        per_split[s] = {"n_examples": int(m.sum()), "n_residues": int(stats["n_res"][m].sum()),
+                        "n_tokens": int(stats["n_tokens"][m].sum())}
     summary = {"db_shard": k, "n_entries": len(shard), "n_examples": len(ex_split), "n_rejected": len(rejects),
-               "n_dropped_too_long": n_dropped, "n_cropped": n_cropped,
-               "per_split": {s: {"n_examples": len(writers[s]), "n_residues": int(sum(n for sp, n in zip(ex_split, ex_nres) if sp == SPLIT_CODES[s])),
-                                 "n_tokens": int(sum(n for sp, n in zip(ex_split, ex_ntok) if sp == SPLIT_CODES[s]))}
-                             for s in SPLITS}}
+               "n_dropped_too_long": n_dropped, "n_cropped": n_cropped, "per_split": per_split}
     write_json_atomic(_marker(out, k), summary)
     return summary
 
