@@ -182,10 +182,25 @@ class IndexedFile:
             out.append((e, offsets[e] - self.part_starts[p], self.parts[max(p, 0)]))
         return out
 
-    def gather(self, offsets: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """uint8: the first counts[j] bytes of each entry at offsets[j], concatenated."""
+    def gather(self, offsets: np.ndarray, counts: np.ndarray, spans: np.ndarray | None = None) -> np.ndarray:
+        """uint8: the first counts[j] bytes of each entry at offsets[j], concatenated.
+
+        `spans` (the entries' full index lengths) enables the fast path for the usual layout, where
+        entry j+1 starts right after entry j: one slice, minus the few bytes after each entry.
+        """
         counts = np.asarray(counts, dtype=np.int64)
-        groups = self.by_part(np.asarray(offsets, dtype=np.int64))
+        offsets = np.asarray(offsets, dtype=np.int64)
+        groups = self.by_part(offsets)
+        if len(groups) == 1 and spans is not None and len(offsets) > 1:
+            e, local, data = groups[0]
+            spans = np.asarray(spans, dtype=np.int64)
+            end = int(local[-1] + spans[-1])
+            if (np.all(local[1:] == local[:-1] + spans[:-1]) and (spans >= counts).all()
+                    and local[0] >= 0 and end <= len(data)):
+                rel = local - local[0]
+                keep = np.ones(end - int(local[0]), dtype=bool)
+                keep[_ragged_arange(rel + counts, spans - counts)] = False
+                return data[int(local[0]):end][keep]
         if len(groups) == 1:
             e, local, data = groups[0]
             idx = _ragged_arange(local, counts)
@@ -257,7 +272,7 @@ class FoldseekDB:
         rows = self.aa.rows(a, b)
         keys, offs, lens = rows[:, 0], rows[:, 1], rows[:, 2]
         L = np.maximum(lens - 2, 0)  # "SEQ\n\0"
-        aa = self.aa.gather(offs, L)
+        aa = self.aa.gather(offs, L, lens)
         n = len(keys)
         ss = None
         has_ss = np.zeros(n, dtype=bool)
@@ -265,7 +280,8 @@ class FoldseekDB:
             r = self.ss.aligned_rows(a, b, keys)
             has_ss = (r[:, 0] >= 0) & (r[:, 2] - 2 == L)
             ss = np.zeros(int(L.sum()), dtype=np.uint8)
-            got = self.ss.gather(np.where(has_ss, r[:, 1], 0), np.where(has_ss, L, 0))
+            got = (self.ss.gather(r[:, 1], L, r[:, 2]) if has_ss.all()
+                   else self.ss.gather(np.where(has_ss, r[:, 1], 0), np.where(has_ss, L, 0)))
             mask = np.repeat(has_ss, L)
             ss[mask] = got
             ss[mask] &= 0xDF  # lowercase (B-factor-masked) letters -> uppercase
@@ -282,7 +298,10 @@ class FoldseekDB:
         if self.h is not None:
             r = self.h.aligned_rows(a, b, keys)
             ok = r[:, 0] >= 0
-            blob = self.h.gather(np.where(ok, r[:, 1], 0), np.where(ok, np.maximum(r[:, 2] - 1, 0), 0)).tobytes()
+            if ok.all():
+                blob = self.h.gather(r[:, 1], np.maximum(r[:, 2] - 1, 0), r[:, 2]).tobytes()
+            else:
+                blob = self.h.gather(np.where(ok, r[:, 1], 0), np.where(ok, np.maximum(r[:, 2] - 1, 0), 0)).tobytes()
             out, pos = [], 0
             for j, ln in enumerate(np.where(ok, np.maximum(r[:, 2] - 1, 0), 0).tolist()):
                 words = blob[pos:pos + ln].split(None, 1)
