@@ -43,6 +43,12 @@ distances above that are missing residues). ``segment_rmsd`` superposes each seg
 (residue-weighted RMS over segments), since the relative pose of segments is not encoded; the
 decoded output puts a later segment 10 A away so that a decoded trace shows its breaks.
 
+Measured (`bench/bench_tokenize.py`: fit on 300 train chains of ../shared, 170 held-out chains of
+other sources, RMSD as `segment_rmsd`): K=512, greedy: median 0.17 A (p90 0.21, max 0.32), flat with
+length (0.19 / 0.16 / 0.18 / 0.18 A for < 100 / 100-199 / 200-399 / >= 400 residues); beam 4: 0.16 A;
+open loop: 2.8 A, growing from 1.9 to 4.3 A with length. K = 64 / 128 / 256 / 1024: 0.55 / 0.36 /
+0.25 / 0.13 A, at token perplexities 46 / 87 / 170 / 626 (328 at K=512).
+
 File format (``save``/``load``): an ``.npz`` without pickles, holding ``centroids`` float64 [K,3],
 ``meta_json`` (K, features, fit data, seed, fit errors, version) and, when known, ``fit_db_index``
 (the DB indices of the train chains it was fit on), written deterministically
