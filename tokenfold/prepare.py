@@ -881,7 +881,8 @@ def _report_png(path: Path, report: dict, lengths: np.ndarray) -> None:
     rej = report["rejected_by_reason"]
     if rej:
         keys = list(rej)[:10]
-        ax[3].barh(keys, [rej[k] for k in keys], color="#aa3377")
+        ax[3].barh(keys, [rej[k] for k in keys], color="#aa3377", height=0.6)
         ax[3].invert_yaxis()
     ax[3].set(title=f"rejected items by reason (total {sum(rej.values())})")
+    fig.tight_layout()
     save_figure(fig, path)
