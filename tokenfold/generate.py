@@ -1,0 +1,355 @@
+"""Structure tokens from amino acids: batched generation with a KV cache, and teacher-forced scoring.
+
+Constrained decoding (the default) makes the model's output a valid structure by construction:
+exactly one structure token per residue, only structure tokens at those positions, ``<eos>`` after
+the L-th. In the interleaved layout the amino acids are not generated at all: they are fed between
+the generated tokens (``<bos> <kind> a_1 [s_1] a_2 [s_2] .. a_L [s_L] <eos>``, brackets = generated).
+
+Batching. Proteins are grouped by length (`length_batches`), each group runs as one batch:
+
+- plain layout: prompts ``<bos> a_1..a_L <sep> <kind>`` differ in length, so they are LEFT-padded;
+  the attention mask hides the padding and position ids count only real tokens, so every row sees
+  exactly what it would see alone. Each step feeds one token per row.
+- interleaved layout: every prompt is ``<bos> <kind> a_1`` (no padding); each step feeds the
+  generated token and the next amino acid together (two tokens), so a protein of length L takes
+  L steps.
+
+Rows that are finished keep being fed (their outputs are ignored) until the longest row ends; the
+length grouping keeps that waste small. `reference_generate` is the plain one-protein-at-a-time HF
+``generate()`` with the same constraints (a logits processor), used by the tests and the benchmark
+as the reference that batched generation must reproduce.
+
+Unconstrained mode lets the model choose freely among all tokens (amino acids still fed in the
+interleaved layout) and reports whether its output was valid (only structure tokens before the end)
+and whether it had exactly L structure tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .utils import log, progress
+from .vocab import BOS, EOS, PAD, Vocab
+
+
+@dataclass
+class Sampling:
+    """Greedy by default; ``do_sample`` draws from softmax(logits / temperature) after top-k / top-p."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0        # 0: off
+    top_p: float = 1.0    # 1.0: off
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0 (use greedy decoding for temperature 0)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+
+@dataclass
+class Generation:
+    """One protein's output. `codes`: structure codes (constrained: exactly L of them).
+
+    `tokens` are the ids the model chose at its own positions (structure slots and the end slot),
+    `valid`: only structure tokens before the end; `length_match`: valid and exactly L of them, then <eos>.
+    """
+
+    codes: np.ndarray
+    tokens: np.ndarray
+    valid: bool
+    length_match: bool
+
+
+class _Picker:
+    def __init__(self, sampling: Sampling, device: torch.device):
+        self.s = sampling
+        self.gen = None
+        if sampling.do_sample:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(int(sampling.seed))
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] -> chosen column [B] (int64)."""
+        if not self.s.do_sample:
+            return logits.argmax(-1)
+        x = logits.float() / self.s.temperature
+        if self.s.top_k and self.s.top_k < x.shape[-1]:
+            kth = torch.topk(x, self.s.top_k, dim=-1).values[:, -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.s.top_p < 1.0:
+            srt, order = torch.sort(x, dim=-1, descending=True)
+            cum = torch.softmax(srt, dim=-1).cumsum(-1)
+            drop_sorted = (cum - torch.softmax(srt, dim=-1)) >= self.s.top_p  # mass before this token already >= p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            x = x.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(x, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+
+
+def length_batches(lengths, max_batch: int = 64, max_tokens: int = 65536) -> list[np.ndarray]:
+    """Index groups of similar length, longest first; each group has <= max_batch rows and
+    rows x longest <= max_tokens (a single over-long protein still gets its own batch)."""
+    lengths = np.asarray(lengths)
+    order = np.argsort(-lengths, kind="stable")
+    out, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and (len(cur) + 1 > max_batch or (len(cur) + 1) * longest > max_tokens):
+            out.append(np.array(cur))
+            cur = []
+        cur.append(int(i))
+    if cur:
+        out.append(np.array(cur))
+    return out
+
+
+def _forward(model, ids, cache, attention_mask=None, position_ids=None, keep=1):
+    out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits
+
+
+def _new_cache(model, max_len: int):
+    """A preallocated KV cache of `max_len` positions (transformers >= 5 `StaticCache`: written in
+    place, no per-step concatenation); a growing `DynamicCache` where that API is absent."""
+    from transformers import DynamicCache
+
+    try:
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    except TypeError:  # transformers 4.x: StaticCache wants batch size, device, dtype and cache positions
+        return DynamicCache(config=model.config)
+
+
+def _dynamic_cache_type():
+    from transformers import DynamicCache
+
+    return DynamicCache
+
+
+def _unconstrained_budget(L: int) -> int:
+    """How many tokens the plain layout may produce in unconstrained mode (room to overshoot L)."""
+    return L + max(8, L // 8)
+
+
+@torch.inference_mode()
+def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device) -> list[Generation]:
+    B = len(seqs)
+    Ls = torch.tensor([len(s) for s in seqs], device=device)
+    prompts = [vocab.prompt(s) for s in seqs]
+    P = max(len(p) for p in prompts)
+    ids = torch.full((B, P), PAD, dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding
+        ids[i, P - len(p):] = torch.from_numpy(p)
+        mask[i, P - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    budget = Ls if constrained else torch.tensor([_unconstrained_budget(len(s)) for s in seqs], device=device)
+    n_steps = int(budget.max())
+    cache = _new_cache(model, P + n_steps)
+    # the attention mask covers every cache position from the start: padding 0, the rest 1 (positions
+    # not written yet are hidden by causality); a static cache needs its full length, a dynamic one
+    # gets the slice up to the current length
+    full_mask = torch.cat([mask, torch.ones((B, n_steps), dtype=mask.dtype, device=device)], dim=1)
+    static = not isinstance(cache, _dynamic_cache_type())
+    logits = _forward(model, ids, cache, full_mask if static else mask, pos)[:, -1]
+    next_pos = pos[:, -1:] + 1
+    out = torch.full((B, n_steps), PAD, dtype=torch.long, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    so, sz = vocab.struct_offset, vocab.size
+    for t in range(n_steps):
+        if constrained:
+            tok = pick(logits[:, so:sz]) + so
+            tok = torch.where(t < Ls, tok, torch.full_like(tok, PAD))
+        else:
+            tok = pick(logits[:, :sz])
+            tok = torch.where(ended | (t >= budget), torch.full_like(tok, PAD), tok)
+            ended |= tok == EOS
+        out[:, t] = tok
+        if t == n_steps - 1 or (not constrained and bool((ended | (t + 1 >= budget)).all())):
+            break
+        logits = _forward(model, tok[:, None], cache, full_mask if static else full_mask[:, :P + t + 1],
+                          next_pos)[:, -1]
+        next_pos = next_pos + 1
+    out = out.cpu().numpy()
+    return [_result(vocab, out[i][out[i] != PAD], len(s), constrained) for i, s in enumerate(seqs)]
+
+
+@torch.inference_mode()
+def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device) -> list[Generation]:
+    B = len(seqs)
+    Ls = [len(s) for s in seqs]
+    Lt = torch.tensor(Ls, device=device)
+    n_slots = max(Ls) + (0 if constrained else 1)  # unconstrained also asks the model for the end slot
+    aa = torch.full((B, max(Ls) + 1), PAD, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        aa[i, :len(s)] = torch.from_numpy(vocab.aa_ids(s))
+    aa = aa.to(device)
+    first = torch.stack([torch.full((B,), BOS, device=device), torch.full((B,), vocab.kind_id, device=device), aa[:, 0]], 1)
+    cache = _new_cache(model, 3 + 2 * n_slots)
+    logits = _forward(model, first, cache)[:, -1]
+    out = torch.full((B, n_slots), PAD, dtype=torch.long, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    so, sz = vocab.struct_offset, vocab.size
+    for t in range(n_slots):  # slot t < L: after a_{t+1}; slot L: after s_L (the end slot)
+        live = (t < Lt) if constrained else ((t <= Lt) & ~ended)
+        if constrained:
+            tok = pick(logits[:, so:sz]) + so
+        else:
+            tok = pick(logits[:, :sz])
+            ended |= live & (tok == EOS)
+        tok = torch.where(live, tok, torch.full_like(tok, PAD))
+        out[:, t] = tok
+        if t == n_slots - 1 or not bool(((t + 1 < Lt) if constrained else ((t + 1 <= Lt) & ~ended)).any()):
+            break
+        step = torch.stack([tok, aa[:, t + 1]], 1)  # s_{t+1} then a_{t+2} (PAD past the end)
+        two = _forward(model, step, cache, keep=2)
+        # rows whose next slot is the end slot read the logits right after s_L, the others after a_{t+2}
+        at_end = (t + 1 == Lt)[:, None]
+        logits = torch.where(at_end, two[:, 0], two[:, 1])
+    out = out.cpu().numpy()
+    return [_result(vocab, out[i][out[i] != PAD], Ls[i], constrained) for i in range(B)]
+
+
+def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Generation:
+    toks = toks.astype(np.int64)
+    if constrained:
+        codes = toks - vocab.struct_offset
+        assert len(codes) == L and (codes >= 0).all() and (codes < vocab.n_struct).all()
+        return Generation(codes=codes, tokens=np.append(toks, EOS), valid=True, length_match=True)
+    stop = np.flatnonzero(toks == EOS)
+    body = toks[: stop[0]] if len(stop) else toks
+    struct = vocab.is_struct(body)
+    valid = bool(struct.all())
+    codes = body[struct] - vocab.struct_offset
+    return Generation(codes=codes, tokens=toks, valid=valid,
+                      length_match=valid and len(stop) > 0 and len(codes) == L)
+
+
+def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, sampling: Sampling | None = None,
+             batch_size: int = 64, max_batch_tokens: int = 65536, show_progress: bool = False) -> list[Generation]:
+    """Structure tokens for each amino-acid sequence (same order as `seqs`), batched with a KV cache.
+
+    `max_batch_tokens` bounds rows x longest protein per batch (GPU memory); the model's device is used.
+    """
+    if not seqs:
+        return []
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("empty sequence")
+    sampling = sampling or Sampling()
+    device = next(model.parameters()).device
+    pick = _Picker(sampling, device)
+    per_token = 2 if vocab.interleaved else 1
+    batches = length_batches([len(s) * per_token for s in seqs], batch_size, max_batch_tokens)
+    run = _interleaved_batch if vocab.interleaved else _plain_batch
+    results: list[Generation | None] = [None] * len(seqs)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in (progress(batches, desc="generate", unit="batch") if show_progress else batches):
+            for i, g in zip(b, run(model, vocab, [seqs[i] for i in b], constrained, pick, device)):
+                results[i] = g
+    finally:
+        model.train(was_training)
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+@dataclass
+class TeacherForced:
+    """Scores of the true tokens of one example: negative log-likelihood summed over the loss targets
+    (structure tokens and <eos>, the training loss), and the model's argmax among structure tokens."""
+
+    nll: float          # sum over n_targets
+    n_targets: int      # L + 1 (structure tokens + <eos>)
+    pred_codes: np.ndarray  # argmax over structure tokens at each structure target (teacher forced)
+
+
+@torch.inference_mode()
+def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: int = 64,
+                   max_batch_tokens: int = 65536) -> list[TeacherForced]:
+    """Score token examples (as written by stage 04) in length-grouped, right-padded batches."""
+    device = next(model.parameters()).device
+    so, sz = vocab.struct_offset, vocab.size
+    out: list[TeacherForced | None] = [None] * len(examples)
+    was_training = model.training
+    model.eval()
+    try:
+        for b in length_batches([len(e) for e in examples], batch_size, max_batch_tokens):
+            T = max(len(examples[i]) for i in b)
+            ids = torch.full((len(b), T), PAD, dtype=torch.long)
+            att = torch.zeros((len(b), T), dtype=torch.long)
+            for r, i in enumerate(b):
+                e = torch.as_tensor(np.asarray(examples[i], dtype=np.int64))
+                ids[r, :len(e)] = e
+                att[r, :len(e)] = 1
+            ids, att = ids.to(device), att.to(device)
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
+            tgt = ids[:, 1:]
+            valid = att[:, 1:].bool()
+            lmask = ((tgt >= so) & (tgt < sz) | (tgt == EOS)) & valid
+            nll = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
+            smask = (tgt >= so) & (tgt < sz) & valid
+            arg = logits[..., so:sz].argmax(-1)
+            nll_sum = (nll * lmask).sum(1).cpu().numpy()
+            n_t = lmask.sum(1).cpu().numpy()
+            arg, smask = arg.cpu().numpy(), smask.cpu().numpy()
+            for r, i in enumerate(b):
+                out[i] = TeacherForced(nll=float(nll_sum[r]), n_targets=int(n_t[r]), pred_codes=arg[r][smask[r]])
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- the reference
+class LayoutConstraint:
+    """A transformers LogitsProcessor that makes plain HF ``generate()`` follow the constrained layout
+    for one protein: structure tokens only at structure slots, the amino acids forced in the
+    interleaved layout, <eos> after L. The reference `generate` must reproduce (tests, bench)."""
+
+    def __init__(self, vocab: Vocab, seq: str, prompt_len: int):
+        self.vocab, self.L, self.prompt_len = vocab, len(seq), prompt_len
+        self.aa = vocab.aa_ids(seq)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1] - self.prompt_len  # tokens generated so far
+        v = self.vocab
+        allow = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+        if v.interleaved:
+            if n == 2 * self.L:
+                allow[EOS] = True
+            elif n % 2 == 0:
+                allow[int(self.aa[n // 2])] = True
+            else:
+                allow[v.struct_offset:v.size] = True
+        elif n < self.L:
+            allow[v.struct_offset:v.size] = True
+        else:
+            allow[EOS] = True
+        return scores.masked_fill(~allow, float("-inf"))
+
+
+@torch.inference_mode()
+def reference_generate(model, vocab: Vocab, seq: str) -> np.ndarray:
+    """Greedy constrained decoding of ONE protein with HF ``generate()`` (the slow, obvious way)."""
+    from transformers import LogitsProcessorList
+
+    device = next(model.parameters()).device
+    prompt = torch.as_tensor(vocab.prompt(seq) if not vocab.interleaved else np.array([BOS, vocab.kind_id]))[None].to(device)
+    n_new = (2 * len(seq) if vocab.interleaved else len(seq)) + 1
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                         do_sample=False, num_beams=1, eos_token_id=EOS, pad_token_id=PAD,
+                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, seq, prompt.shape[1])]))
+    _, codes = vocab.decode(out[0, prompt.shape[1]:].cpu().numpy())
+    if len(codes) != len(seq):
+        log.warning("reference generate gave %d tokens for %d residues", len(codes), len(seq))
+    return codes

@@ -1,0 +1,137 @@
+"""Predict structure tokens (and, for decodable kinds, C-alpha traces) for your own sequences.
+
+    python -m tokenfold.predict --checkpoint data/runs/<run>/final --fasta my.fasta --out predictions/
+
+Writes in --out: ``structure_tokens.fasta`` (``>id`` then the tokens: 3Di letters, or space-separated
+token numbers for the other kinds), ``pdb/<id>.pdb`` (C-alpha only, geo/kanzi kinds), and
+``rejects.tsv`` (id, reason) for records that could not be predicted (empty, not a protein
+sequence, longer than the model's context). Letters outside the 20 amino acids (B, Z, U, O, ...) are
+read as X, as in training.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .utils import die, log, setup_logging, write_text_atomic
+
+_NOT_SEQ = re.compile(r"[^A-Za-z*\-]")
+
+
+def read_fasta(path: str | Path) -> list[tuple[str, str]]:
+    """(id, sequence) pairs; id = the header's first word. Whitespace inside sequences is ignored."""
+    recs, name, chunks = [], None, []
+    text = Path(path).read_text(errors="replace")
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith(">"):
+            if name is not None:
+                recs.append((name, "".join(chunks)))
+            name, chunks = (line[1:].split() or [f"record_{len(recs) + 1}"])[0], []
+        elif line and name is not None:
+            chunks.append("".join(line.split()))
+    if name is not None:
+        recs.append((name, "".join(chunks)))
+    return recs
+
+
+def clean_sequence(seq: str) -> tuple[str | None, str | None]:
+    """(sequence in upper case without a trailing stop '*', None) or (None, reason)."""
+    s = seq.upper().rstrip("*")
+    if not s:
+        return None, "empty sequence"
+    bad = _NOT_SEQ.search(s)
+    if bad or "*" in s or "-" in s:
+        ch = bad.group(0) if bad else ("*" if "*" in s else "-")
+        return None, f"not a protein sequence (character {ch!r})"
+    return s, None
+
+
+def max_residues(model, vocab) -> int:
+    """Longest protein whose example fits the model's positions (plain: 2L+4 tokens, interleaved: 2L+3)."""
+    n_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
+    return (n_pos - 4) // 2
+
+
+def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = "auto", dtype: str = "auto",
+            batch_size: int = 64, max_batch_tokens: int = 65536, kanzi_checkpoint: str | None = None) -> dict:
+    from .evaluate import load_decoder, load_model, write_ca_pdb
+    from .generate import generate
+
+    out = Path(out)
+    model, vocab, ckpt = load_model(checkpoint, device, dtype)
+    recs = read_fasta(fasta)
+    if not recs:
+        raise ValueError(f"{fasta}: no FASTA records")
+    limit = max_residues(model, vocab)
+    keep, rejects, seen = [], [], set()
+    for name, seq in recs:
+        s, why = clean_sequence(seq)
+        if why is None and len(s) > limit:
+            why = f"{len(s)} residues, the model's context holds {limit}"
+        if why is None and name in seen:
+            why = "duplicate id"
+        if why:
+            rejects.append((name, why))
+            continue
+        seen.add(name)
+        keep.append((name, s))
+    log.info("predict: %d sequences, %d rejected", len(keep), len(rejects))
+    gens = generate(model, vocab, [s for _, s in keep], sampling=sampling, batch_size=batch_size,
+                    max_batch_tokens=max_batch_tokens, show_progress=True)
+    decoder = None
+    if vocab.kind in ("geo", "kanzi"):
+        decoder = load_decoder(vocab, [ckpt], kanzi_checkpoint)
+    pdbs = []
+    if decoder is not None and keep:
+        for (name, s), ca in zip(keep, decoder.decode_many([g.codes for g in gens])):
+            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+            pdbs.append(write_ca_pdb(out / "pdb" / f"{safe}.pdb", {"A": (s, ca)}))
+    write_text_atomic(out / "structure_tokens.fasta",
+                      "".join(f">{name} kind={vocab.kind} L={len(s)}\n{vocab.symbols(g.codes)}\n"
+                              for (name, s), g in zip(keep, gens)))
+    write_text_atomic(out / "rejects.tsv", "id\treason\n" + "".join(f"{a}\t{b}\n" for a, b in rejects))
+    return {"n_predicted": len(keep), "n_rejected": len(rejects), "pdb_files": len(pdbs), "kind": vocab.kind}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenfold.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir of stage 05 (vocab.json beside it)")
+    p.add_argument("--fasta", required=True, help="input amino-acid sequences (FASTA)")
+    p.add_argument("--out", required=True,
+                   help="output dir: structure_tokens.fasta, pdb/<id>.pdb (geo/kanzi), rejects.tsv")
+    p.add_argument("-v", "--verbose", action="store_true")
+    from .generate import Sampling
+
+    g = p.add_argument_group("decoding (constrained; greedy by default)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--max-batch-tokens", type=int, default=65536)
+    g.add_argument("--device", default="auto")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--kanzi-checkpoint", default=None, help="Kanzi weights, to decode kanzi tokens")
+    a = p.parse_args(argv)
+    setup_logging(a.verbose)
+    try:
+        s = Sampling(do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+        r = predict(a.checkpoint, a.fasta, a.out, s, a.device, a.dtype, a.batch_size, a.max_batch_tokens,
+                    a.kanzi_checkpoint)
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+    if r["n_predicted"] == 0:
+        die(f"no sequence could be predicted ({r['n_rejected']} rejected: see {a.out}/rejects.tsv)")
+    print(f"predicted {r['n_predicted']} sequences ({r['kind']} tokens) -> {a.out}/structure_tokens.fasta"
+          + (f", {r['pdb_files']} PDB files in {a.out}/pdb/" if r["pdb_files"] else "")
+          + (f"; {r['n_rejected']} rejected (rejects.tsv)" if r["n_rejected"] else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
