@@ -25,13 +25,19 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
 
 def provenance() -> dict:
     """Versions and host, stamped into every report so numbers can be traced to what made them."""
+    import sys
+
     import numpy
-    import torch
 
     from . import __version__
 
-    return {"tokenfold": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
-            "torch": torch.__version__, "host": platform.node(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out = {"tokenfold": __version__, "python": platform.python_version(), "numpy": numpy.__version__}
+    # versions of the heavy libraries only when the stage already loaded them (importing torch costs seconds)
+    for mod in ("torch", "transformers", "esm", "sklearn", "gemmi", "h5py"):
+        if mod in sys.modules:
+            out[mod] = getattr(sys.modules[mod], "__version__", "?")
+    out.update(host=platform.node(), time=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return out
 
 
 def write_report(path: str | os.PathLike, report: dict) -> Path:
