@@ -5,7 +5,7 @@ Reads   a checkpoint of stage 05 (--checkpoint: a checkpoint dir or a run dir, d
         data/runs/<run>/final), its token shards (--tokens, default data/tokens/<kind>[_interleaved]),
         the protein DB for the true C-alpha (--db, default data/db).
 Writes  data/eval/<run>/ (--out): metrics.json (written last), per_protein.tsv, predictions.fasta,
-        baselines.npz, accuracy_vs_length.png, confusion_3di.png (3Di), rmsd_tm_vs_length.png,
+        skipped.tsv (examples that could not be evaluated, with the reason), baselines.npz, accuracy_vs_length.png, confusion_3di.png (3Di), rmsd_tm_vs_length.png,
         rmsd_tm_hist.png, ca_traces_3d.png and pdb/<id>_pred_vs_true.pdb (decodable kinds),
         work/ (resume state: one part per chunk of proteins).
 

@@ -218,6 +218,7 @@ def test_bad_examples_are_skipped_and_recorded(geo_setup, small_db, tmp_path):
     assert m["n_proteins"] == 1 and m["n_skipped"] == 2
     reasons = {s["id"]: s["reason"] for s in m["skipped"]}
     assert "differ" in reasons[str(ds.ids[1])] and "token shard says" in reasons["not_this_protein"]
+    assert len((tmp_path / "e" / "skipped.tsv").read_text().splitlines()) == 3
 
 
 def test_resume_and_array_tasks_equal_one_uninterrupted_run(geo_setup, small_db, tmp_path):

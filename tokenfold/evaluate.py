@@ -16,7 +16,7 @@ trained on:
 Work is split into units = (DB shard, chunk of ``--chunk-size`` examples): a SLURM array task takes
 the DB shards `utils.my_units` gives it and writes one ``work/part_<shard>_<chunk>.npz`` per chunk
 (atomically), so a killed run resumes at the first missing part. `finalize` merges the parts into
-``metrics.json`` (written last), ``per_protein.tsv``, ``predictions.fasta``, PNGs and
+``metrics.json`` (written last), ``per_protein.tsv``, ``predictions.fasta``, ``skipped.tsv``, PNGs and
 ``pdb/<id>_pred_vs_true.pdb`` (chain A truth, chain B prediction superposed on it).
 """
 from __future__ import annotations
@@ -428,7 +428,7 @@ class Evaluation:
             metrics["unconstrained"] = {
                 "validity_rate": float(P["unc_valid"].mean()),
                 "length_match_rate": float(P["unc_length_match"].mean()),
-                "note": "free decoding over the whole vocabulary (amino acids still fed in the interleaved layout); "
+                "note": "greedy free decoding over the whole vocabulary (amino acids still fed in the interleaved layout); "
                         "valid = only structure tokens before the end; length match = valid, exactly L, then <eos>",
             }
         if v.kind == "3di":
@@ -471,6 +471,8 @@ class Evaluation:
                         for m in PER_PROTEIN_OTHERS]
             lines.append("\t".join(_fmt(x) for x in row))
         write_text_atomic(self.out / "per_protein.tsv", "\n".join(lines) + "\n")
+        write_text_atomic(self.out / "skipped.tsv",
+                          "id\treason\n" + "".join(f"{a}\t{b}\n" for a, b in P["skipped"]))
         write_text_atomic(self.out / "predictions.fasta",
                           "".join(f">{P['ids'][i]}\n{v.symbols(P['pred_codes'][i])}\n" for i in range(n)))
         pngs = token_plots(self.out, lengths, acc, base_acc, tokens)
