@@ -388,8 +388,9 @@ def _plots(cb: Codebook, ev: dict, codes_ev: np.ndarray, codes_tr: np.ndarray, q
         xy = (x - mu) @ pc
         cxy = (cb.centroids - mu) @ pc
         hue = (codes * 0.618034) % 1.0          # neighbouring code numbers get distant colours
-        ax.scatter(xy[:, 0], xy[:, 1], c=hue, cmap="hsv", s=3, alpha=0.6, linewidths=0)
-        ax.scatter(cxy[:, 0], cxy[:, 1], c="k", marker="x", s=8, linewidths=0.6, label=f"{cb.K} centroids")
+        ax.scatter(xy[:, 0], xy[:, 1], c=hue, cmap="hsv", s=6, alpha=0.7, linewidths=0)
+        ax.scatter(cxy[:, 0], cxy[:, 1], c="k", marker="x", s=6, linewidths=0.4, alpha=0.4,
+                   label=f"{cb.K} centroids")
         ax.legend(loc="upper right")
     ax.set(title=f"PCA of {len(x)} residues coloured by code (K={cb.K}){tag}", xlabel="PC1", ylabel="PC2")
     ax.title.set_color(color)
@@ -407,5 +408,5 @@ def _plots(cb: Codebook, ev: dict, codes_ev: np.ndarray, codes_tr: np.ndarray, q
     q = quality["val"]
     fig.suptitle(f"K={cb.K}: val utilisation {q['utilisation']:.1%}, perplexity {q['perplexity']:.0f}, "
                  f"NMI(code;3Di) {quality['structure']['nmi_code_3di']:.3f} vs NMI(aa;3Di) "
-                 f"{quality['structure']['nmi_aa_3di']:.3f}{tag}", color=color)
+                 f"{quality['structure']['nmi_aa_3di']:.3f}{tag}", color=color, y=1.0 + 0.07 * bool(tag) + 0.04)
     save_figure(fig, paths["sizes"])

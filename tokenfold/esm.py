@@ -384,8 +384,13 @@ def forward_repr(model, tokens: torch.Tensor, layer: int) -> torch.Tensor:
 
 
 def default_toks_per_batch(device: torch.device) -> int:
-    """CPU: small batches (attention is cache-bound; measured in bench/bench_esm.py). GPU: large."""
-    return 16384 if device.type == "cuda" else 2048
+    """GPU: large batches. CPU: 1024 tokens per thread, at most 4096. Small batches stay in cache (one
+    thread, esm2_t6 shape, real chains: 512 -> 4450, 1024 -> 3950, 2048 -> 3250, 4096 -> 2600 residues
+    per CPU second), but every op is a parallel region, and with several threads on a busy node bigger
+    batches synchronise less often (2 threads, oversubscribed: 4096 ~25% faster than 1024)."""
+    if device.type == "cuda":
+        return 16384
+    return min(4096, 1024 * max(1, torch.get_num_threads()))
 
 
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
@@ -988,7 +993,8 @@ def _write_report(cfg: ExtractConfig, manifest: dict, reports: list[dict]) -> di
     title = f"stage 02: {manifest['model']} layer {manifest['layer']} ({manifest['mode']})"
     if manifest["random_weights"]:
         title += "\nRANDOM WEIGHTS - test/demo only, no learned information"
-    fig.suptitle(title, color="red" if manifest["random_weights"] else "black")
+    axes[1].set_xticks([r["db_shard"] for r in reports][:20])
+    fig.suptitle(title, color="red" if manifest["random_weights"] else "black", y=1.0 + 0.07 * title.count("\n") + 0.04)
     save_figure(fig, cfg.out / "report.png")
     write_report(cfg.out / "report.json", rep)
     return rep
