@@ -87,6 +87,8 @@ def main(argv=None) -> int:
                 except EsmLoadError as e:
                     die(str(e))
     model = model or DEFAULT_MODEL
+    if model.endswith(".pt") and not Path(model).exists():
+        die(f"{model}: no such checkpoint file")
     try:
         out = args.out or default_out_dir(model, args.layer)
     except ValueError as e:
@@ -111,7 +113,7 @@ def main(argv=None) -> int:
         if args.finalize or num_tasks == 1:
             cfg.overwrite = False if not args.finalize else args.overwrite
             finalize(cfg)
-    except EsmLoadError as e:
+    except (EsmLoadError, ValueError) as e:
         die(str(e))
     return 0
 

@@ -768,8 +768,9 @@ def _sample_db_shard(cfg: ExtractConfig, k: int, shard, picks: dict, model, alph
     a = shard.arrays
     offsets = a["offsets"]
     cols = {n: [] for n in ("split", "entry", "pos", "emb", "aa", "ss")}
-    total = sum(len(np.unique(e)) for e, _ in picks.values())
-    meter = _Meter(0, f"sample shard {k}")
+    uniq_all = [np.unique(g) - shard.first_index for g, _ in picks.values()]
+    total = sum(len(u) for u in uniq_all)
+    meter = _Meter(int(sum(np.diff(offsets)[u].sum() for u in uniq_all)), f"sample shard {k}")
     for split_code, (g, pos) in picks.items():
         uniq, inv = np.unique(g, return_inverse=True)
         local = uniq - shard.first_index
