@@ -1,0 +1,133 @@
+"""Stage 05 model: presets with the published shapes, batch layouts without leakage, the loss mask,
+and the checkpoint contract with stage 06 (AutoModelForCausalLM.from_pretrained + vocab.json)."""
+import numpy as np
+import pytest
+import torch
+
+from conftest import foldseek_chains
+from tokenfold import checkpoint as ckpt
+from tokenfold.data import collate
+from tokenfold.model import PRESETS, build_config, build_model, count_params, flops_per_token, parse_overrides
+from tokenfold.train import token_stats
+from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab
+
+torch.set_num_threads(1)
+
+
+def _meta_model(preset, vocab, **overrides):
+    with torch.device("meta"):
+        return build_model(build_config(preset, vocab, overrides), "sdpa")
+
+
+def test_presets_have_the_published_shapes():
+    v = Vocab.for_kind("3di")
+    # with their own vocabularies the two published shapes have exactly the published parameter counts
+    tl = _meta_model("tinyllama-1.1b", v, vocab_size=32000)
+    assert count_params(tl) == 1_100_048_384
+    c = tl.config
+    assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+            c.max_position_embeddings, c.tie_word_embeddings) == (22, 2048, 5632, 32, 4, 2048, False)
+    l3 = _meta_model("llama3.2-1b", v, vocab_size=128256)
+    assert count_params(l3) == 1_235_814_400
+    c = l3.config
+    rope = c.rope_parameters if hasattr(c, "rope_parameters") else {**c.rope_scaling, "rope_theta": c.rope_theta}
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (16, 8, 64, True)
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0 and rope["rope_theta"] == 500000.0
+    assert rope["original_max_position_embeddings"] == 8192
+    # ours: sized to the vocabulary
+    assert 1e6 < count_params(_meta_model("tiny", v)) < 1e7
+    assert 5e7 <= count_params(_meta_model("small", v)) <= 1e8
+    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b"}
+
+
+def test_overrides_and_flops():
+    v = Vocab.for_kind("geo", n_struct=512)
+    over = parse_overrides(["hidden_size=128", "num_hidden_layers=3", "rms_norm_eps=1e-6", "hidden_act=gelu"])
+    assert over == {"hidden_size": 128, "num_hidden_layers": 3, "rms_norm_eps": 1e-6, "hidden_act": "gelu"}
+    cfg = build_config("tiny", v, over)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.eos_token_id) == (128, 3, v.size, EOS)
+    with pytest.raises(ValueError, match="unknown LlamaConfig field"):
+        build_config("tiny", v, {"hidden_sise": 64})
+    with pytest.raises(ValueError, match="smaller than the vocabulary"):
+        build_config("tiny", v, {"vocab_size": 10})
+    # the FLOP formula's matmul parameter count is the model's parameter count minus norms and embedding lookup
+    with torch.device("meta"):
+        m = build_model(cfg)
+    norms = sum(p.numel() for n, p in m.named_parameters() if "norm" in n)
+    n_matmul = count_params(m, exclude_embeddings=True) - norms
+    assert flops_per_token(cfg, 0) == 6 * n_matmul
+    assert flops_per_token(cfg, 100) - flops_per_token(cfg, 0) == 12 * 3 * 128 * 100
+
+
+def _examples(vocab, n=3):
+    chains = foldseek_chains(20, 60)[:n]
+    return [vocab.encode(aa, vocab.threedi_codes(ss)) for _, aa, ss in chains]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_loss_mask_never_on_amino_acids(interleaved):
+    v = Vocab.for_kind("3di", interleaved=interleaved)
+    exs = _examples(v, 4)
+    for layout in ("padded", "packed"):
+        b = collate(exs, v, layout)
+        ids, lab = b.input_ids.numpy(), b.labels.numpy()
+        on = lab != IGNORE_INDEX
+        assert on.sum() == b.n_loss == sum(int(v.loss_mask(e).sum()) for e in exs)
+        assert (ids[on] == lab[on]).all()
+        assert v.is_struct(ids[on]).sum() + (ids[on] == EOS).sum() == on.sum()     # structure or <eos> only
+        aa = (ids >= v.aa_offset) & (ids < v.struct_offset)
+        assert aa.sum() == sum((len(e) - (3 if interleaved else 4)) // 2 for e in exs)  # every residue is there
+        assert not on[aa].any()                                                     # never an amino acid
+        assert (ids[on & (ids < v.aa_offset)] == EOS).all()                         # of the specials, only <eos>
+        # the training loss counts exactly those targets: shifting by one never puts an aa in the loss
+        V = v.size
+        logits = torch.randn(ids.shape[0], ids.shape[1], V)
+        loss_sum, _ = token_stats(logits, b.labels, v.struct_offset)
+        lp = torch.log_softmax(logits[:, :-1], -1)
+        tgt = torch.from_numpy(ids[:, 1:])
+        keep = torch.from_numpy(v.loss_mask(ids[:, 1:]) & (lab[:, 1:] != IGNORE_INDEX))
+        manual = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[keep].sum()
+        assert torch.allclose(loss_sum, manual)
+
+
+def test_packed_and_padded_layouts_do_not_leak_between_examples():
+    """Every example gets the same logits alone, in a padded length-bucketed batch, and packed in one row."""
+    v = Vocab.for_kind("3di")
+    exs = _examples(v, 3)
+    model = build_model(build_config("tiny", v, {"num_hidden_layers": 2}), "sdpa", seed=0).eval()
+    with torch.no_grad():
+        alone = [model(input_ids=torch.from_numpy(e)[None], use_cache=False).logits[0] for e in exs]
+        bp = collate(exs, v, "padded")
+        padded = model(**bp.model_inputs("cpu"), use_cache=False).logits
+        bk = collate(exs, v, "packed")
+        packed = model(**bk.model_inputs("cpu"), use_cache=False).logits[0]
+    assert bk.n_positions == bk.n_tokens and bp.n_positions > bp.n_tokens
+    start = 0
+    for r, (e, ref) in enumerate(zip(exs, alone)):
+        torch.testing.assert_close(padded[r, : len(e)], ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(packed[start: start + len(e)], ref, atol=2e-5, rtol=1e-4)
+        start += len(e)
+
+
+def test_checkpoint_loads_with_auto_model_and_for_inference(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    v = Vocab.for_kind("3di")
+    model = build_model(build_config("tiny", v, {"num_hidden_layers": 1, "hidden_size": 64,
+                                                  "intermediate_size": 128}), "sdpa", seed=1)
+    run = tmp_path / "run"
+    d = ckpt.save(ckpt.step_dir(run, 7), model, v, {"step": 7, "note": "x", "t": torch.arange(3)}, {"step": 7})
+    ckpt.publish(d, run / "final")
+    x = torch.from_numpy(_examples(v, 1)[0])[None]
+    with torch.no_grad():
+        ref = model.eval()(input_ids=x).logits
+        auto = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+        torch.testing.assert_close(auto(input_ids=x).logits, ref)
+        m2, v2 = ckpt.load_for_inference(run, device="cpu")   # a run directory resolves to final/
+        torch.testing.assert_close(m2(input_ids=x).logits, ref)
+    assert v2.to_dict() == v.to_dict() and not m2.training
+    state = ckpt.load_trainer_state(d)                         # weights_only=True
+    assert state["step"] == 7 and torch.equal(state["t"], torch.arange(3))
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [7]
+    np.testing.assert_equal(sorted(p.name for p in (run / "final").iterdir()),
+                            sorted(p.name for p in d.iterdir()))

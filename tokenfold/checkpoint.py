@@ -1,0 +1,208 @@
+"""Checkpoints of the translator: the contract with stage 06 and with `--resume`.
+
+A checkpoint is a directory (``data/runs/<run>/checkpoints/step_000500/``, and ``final/``)::
+
+    config.json, generation_config.json, model.safetensors    `save_pretrained` (fp32 weights):
+                                        transformers.AutoModelForCausalLM.from_pretrained(dir) loads it
+    vocab.json                          the vocabulary (tokenfold.vocab.Vocab.load(dir))
+    trainer_state.pt                    optimizer, LR scheduler, RNG states of every rank, data
+                                        position, step, tokens seen: tensors and plain Python types
+                                        only, read with torch.load(weights_only=True)
+    checkpoint.json                     step, tokens, val metrics at save time, run name (readable)
+
+A checkpoint is written to a hidden temp directory and renamed into place, so a ``step_*`` directory
+that exists is complete. ``final/`` is replaced the same way. `prune` keeps the newest N.
+
+Stage 06 loads with `load_for_inference(dir, device=...) -> (model, vocab)`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .utils import write_json_atomic
+from .vocab import Vocab
+
+log = logging.getLogger("tokenfold.checkpoint")
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, dir) of the complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / TRAINER_STATE).exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    cks = list_checkpoints(run_dir)
+    return cks[-1][1] if cks else None
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished temp directory onto `target` (an existing target is swapped out, then removed)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(target: str | os.PathLike, model, vocab: Vocab, trainer_state: dict, info: dict) -> Path:
+    """Write one checkpoint directory atomically (call on the main rank only)."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    vocab.save(tmp / "vocab.json")
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    write_json_atomic(tmp / "checkpoint.json", info)
+    _replace_dir(tmp, target)
+    return target
+
+
+def publish(src: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Copy a checkpoint directory to `target` (e.g. ``final/``) atomically."""
+    src, target = Path(src), Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    _replace_dir(tmp, target)
+    return target
+
+
+def prune(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` step checkpoints (0 or less keeps everything)."""
+    if keep_last <= 0:
+        return []
+    removed = []
+    for _, p in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def load_trainer_state(ckpt: str | os.PathLike) -> dict:
+    return torch.load(Path(ckpt) / TRAINER_STATE, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- RNG states
+def rng_state() -> dict:
+    """This process's RNG states as tensors / plain types (so weights_only loading accepts them)."""
+    np_state = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                    int(np_state[2]), int(np_state[3]), float(np_state[4])),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_numpy_tree(x):
+    """Tensors -> numpy arrays, recursively (to send RNG states between ranks with all_gather_object)."""
+    if isinstance(x, torch.Tensor):
+        return x.numpy()
+    if isinstance(x, dict):
+        return {k: to_numpy_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_numpy_tree(v) for v in x)
+    return x
+
+
+def to_tensor_tree(x):
+    """Inverse of `to_numpy_tree` (numpy arrays -> tensors), so torch.load(weights_only=True) accepts it."""
+    if isinstance(x, np.ndarray):
+        return torch.from_numpy(x.copy())
+    if isinstance(x, dict):
+        return {k: to_tensor_tree(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_tensor_tree(v) for v in x)
+    return x
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------- loading
+def from_pretrained(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None):
+    """`AutoModelForCausalLM.from_pretrained` across transformers 4.4x (`torch_dtype`) and 5.x (`dtype`)."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {}
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kw)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run directory (-> its ``final/``, else its newest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    if (path / "final" / "config.json").exists():
+        return path / "final"
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run directory with one")
+
+
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
+                       attn_implementation: str | None = None):
+    """(model in eval mode on `device`, Vocab) from a checkpoint or run directory (stage 06's entry point).
+
+    dtype: default bf16 on a GPU, fp32 on CPU. attn_implementation: default SDPA (flash-attn when
+    installed and on a GPU; see `tokenfold.model.pick_attention`).
+    """
+    from .model import pick_attention
+
+    path = resolve(path)
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if attn_implementation is None:
+        attn_implementation = pick_attention(device)
+    vocab = Vocab.load(path / "vocab.json")
+    model = from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device).eval()
+    if model.config.vocab_size < vocab.size:
+        raise ValueError(f"{path}: model has {model.config.vocab_size} output tokens, vocabulary {vocab.size}")
+    return model, vocab

@@ -1,0 +1,239 @@
+"""Training batches: length-bucketed or packed, never padded to a fixed length.
+
+The reference recipe pads every example to 1024 tokens; our examples average ~420 tokens (plain
+3Di layout on ../shared), so more than half of its compute is padding. Here a micro-batch is a
+set of examples under a **token budget** (`max_tokens`, padding included), and its layout follows
+the attention implementation:
+
+``padded`` (SDPA / eager; CPU and GPUs without flash-attn)
+    one example per row, right-padded to the longest example *of the micro-batch*. Examples are
+    length-bucketed (below), so rows have nearly equal lengths and padding is a few percent. No
+    example can see another: they are in different rows. No attention mask is passed, on purpose:
+    with *right* padding and causal attention a real token only ever attends to earlier, real
+    tokens, so the mask changes nothing but the (ignored) outputs at padding positions, and
+    without it SDPA runs its causal kernels (block skipping on CPU, FlashAttention inside PyTorch
+    on GPU) instead of a dense masked product. (tests/test_model.py checks the logits equal those
+    of each example alone.)
+``packed`` (flash_attention_2)
+    all examples of the micro-batch concatenated into one row ``[1, N]``, no padding at all;
+    ``position_ids`` restart at 0 at each example. transformers turns the restarts into
+    variable-length FlashAttention (``cu_seqlens``), so each example attends only to itself, and
+    RoPE sees the same positions as for the example alone. (transformers >= 5 also builds the
+    equivalent block-diagonal mask for SDPA; tests/test_model.py checks that both layouts give
+    every example exactly the logits it gets alone.)
+
+Labels are `Vocab.labels`: loss only where the target is a structure token or <eos>. In a packed
+row the token after an example is the next example's <bos>, never a target, so no loss term
+crosses an example boundary.
+
+Planning (`plan_epoch`) is seeded by (seed, epoch): shuffle all examples, cut the order into windows
+of `window` examples, sort each window by length (longest first), cut it greedily into micro-batches
+under the budget, shuffle the micro-batches. Every rank computes the same plan; a global step takes
+the next ``world_size * grad_accum`` micro-batches and rank r works on its own contiguous
+``grad_accum`` of them (`TrainStream`). The data position saved in checkpoints is
+(epoch, micro-batch index), independent of the number of ranks.
+
+Examples longer than `max_len` tokens are truncated to their first `max_len` tokens (counted and
+logged; stage 04 normally crops long chains already).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .shards import TokenDataset
+from .vocab import EOS, IGNORE_INDEX, PAD, Vocab
+
+log = logging.getLogger("tokenfold.data")
+
+LAYOUTS = ("padded", "packed")
+
+
+def layout_for(attn_implementation: str) -> str:
+    """The batch layout that suits an attention implementation (see the module docstring)."""
+    return "packed" if attn_implementation.startswith("flash_attention") else "padded"
+
+
+# ----------------------------------------------------------------------------- planning
+def cut_batches(order: np.ndarray, lengths: np.ndarray, max_tokens: int, layout: str) -> list[np.ndarray]:
+    """Greedy cut of `order` (already length-sorted, longest first) into micro-batches under the budget.
+
+    padded: n_rows * longest_row <= max_tokens;  packed: sum of lengths <= max_tokens.
+    """
+    batches, cur, longest, total = [], [], 0, 0
+    for i in order:
+        n = int(lengths[i])
+        if layout == "padded":
+            fits = (len(cur) + 1) * max(longest, n) <= max_tokens
+        else:
+            fits = total + n <= max_tokens
+        if cur and not fits:
+            batches.append(np.array(cur, dtype=np.int64))
+            cur, longest, total = [], 0, 0
+        cur.append(int(i))
+        longest, total = max(longest, n), total + n
+    if cur:
+        batches.append(np.array(cur, dtype=np.int64))
+    return batches
+
+
+def plan_epoch(lengths: np.ndarray, max_tokens: int, layout: str, seed: int, epoch: int,
+               window: int = 4096, shuffle: bool = True) -> list[np.ndarray]:
+    """Micro-batches (arrays of example indices) of one epoch; deterministic in (seed, epoch)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
+    lengths = np.asarray(lengths)
+    if len(lengths) and lengths.max() > max_tokens:
+        raise ValueError(f"an example of {lengths.max()} tokens exceeds the micro-batch budget of "
+                         f"{max_tokens} tokens: raise --max-tokens or lower --max-len")
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    batches: list[np.ndarray] = []
+    for w in range(0, len(order), window):
+        chunk = order[w: w + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(cut_batches(chunk, lengths, max_tokens, layout))
+    if shuffle:
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+    return batches
+
+
+def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray, layout: str) -> float:
+    """Fraction of the positions the model computes on that are padding."""
+    if layout == "packed" or not batches:
+        return 0.0
+    real = sum(int(lengths[b].sum()) for b in batches)
+    positions = sum(len(b) * int(lengths[b].max()) for b in batches)
+    return 1.0 - real / positions
+
+
+# ----------------------------------------------------------------------------- collation
+@dataclass
+class Batch:
+    input_ids: torch.Tensor                 # [B, T] int64
+    labels: torch.Tensor                    # [B, T] int64, IGNORE_INDEX where no loss (HF convention, unshifted)
+    position_ids: torch.Tensor | None       # [1, N] (packed layout) or None
+    n_examples: int
+    n_tokens: int                           # real tokens
+    n_positions: int                        # positions computed (real + padding)
+    n_loss: int                             # loss targets (structure tokens + <eos>)
+    n_struct: int                           # structure-token targets (what accuracy counts)
+
+    def model_inputs(self, device) -> dict:
+        kw = {"input_ids": self.input_ids.to(device, non_blocking=True)}
+        if self.position_ids is not None:
+            kw["position_ids"] = self.position_ids.to(device, non_blocking=True)
+        return kw
+
+
+def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
+    """Token arrays -> one micro-batch in the given layout (see the module docstring)."""
+    examples = [np.asarray(e, dtype=np.int64) for e in examples]
+    lens = [len(e) for e in examples]
+    if layout == "packed":
+        ids = np.concatenate(examples)[None]
+        labels = vocab.labels(ids)
+        pos = np.concatenate([np.arange(n) for n in lens])[None]
+        position_ids = torch.from_numpy(pos)
+    elif layout == "padded":
+        T = max(lens)
+        ids = np.full((len(examples), T), PAD, dtype=np.int64)
+        labels = np.full((len(examples), T), IGNORE_INDEX, dtype=np.int64)
+        for r, e in enumerate(examples):
+            ids[r, : len(e)] = e
+            labels[r, : len(e)] = vocab.labels(e)
+        position_ids = None   # right padding + causal attention: no attention mask needed (docstring)
+    else:
+        raise ValueError(f"unknown batch layout {layout!r}")
+    n_loss = int((labels != IGNORE_INDEX).sum())
+    n_struct = int(vocab.is_struct(labels).sum())
+    return Batch(torch.from_numpy(ids), torch.from_numpy(labels), position_ids, len(examples),
+                 int(sum(lens)), int(ids.size), n_loss, n_struct)
+
+
+# ----------------------------------------------------------------------------- streams
+class TrainStream:
+    """The endless, seeded sequence of global steps over the train split, for one rank.
+
+    `next_step()` returns this rank's `grad_accum` micro-batches of the next global step. Epochs
+    roll over by themselves; the few (< world_size * grad_accum) micro-batches left at the end
+    of an epoch are skipped. `state()` / `load_state()` give the data position for checkpoints.
+    """
+
+    def __init__(self, ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
+                 seed: int, grad_accum: int = 1, world_size: int = 1, rank: int = 0, window: int = 4096):
+        if len(ds) == 0:
+            raise ValueError(f"no training examples in {ds.root}/{ds.split}")
+        self.ds, self.vocab, self.layout = ds, vocab, layout
+        self.max_tokens, self.max_len, self.seed, self.window = max_tokens, max_len, seed, window
+        self.accum, self.world, self.rank = grad_accum, world_size, rank
+        self.per_step = grad_accum * world_size
+        raw = ds.lengths
+        self.n_truncated = int((raw > max_len).sum())
+        if self.n_truncated:
+            log.warning("%d of %d training examples are longer than --max-len %d tokens: truncated",
+                        self.n_truncated, len(ds), max_len)
+        self.lengths = np.minimum(raw, max_len)
+        self.epoch, self.pos = 0, 0
+        self._plan_epoch, self._plan = -1, []
+        if self.steps_per_epoch(0) == 0:
+            raise ValueError(f"one epoch makes {len(self.plan(0))} micro-batches, fewer than one step needs "
+                             f"({self.per_step} = grad_accum x ranks): lower --max-tokens or --grad-accum")
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._plan_epoch:
+            self._plan = plan_epoch(self.lengths, self.max_tokens, self.layout, self.seed, epoch, self.window)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def steps_per_epoch(self, epoch: int = 0) -> int:
+        return len(self.plan(epoch)) // self.per_step
+
+    def padding_fraction(self, epoch: int = 0) -> float:
+        return padding_fraction(self.plan(epoch), self.lengths, self.layout)
+
+    def example(self, i: int) -> np.ndarray:
+        return self.ds[int(i)][: self.max_len]
+
+    def next_step(self) -> list[Batch]:
+        plan = self.plan(self.epoch)
+        if self.pos + self.per_step > len(plan):
+            self.epoch, self.pos = self.epoch + 1, 0
+            plan = self.plan(self.epoch)
+        start = self.pos + self.rank * self.accum
+        mine = plan[start: start + self.accum]
+        self.pos += self.per_step
+        return [collate([self.example(i) for i in b], self.vocab, self.layout) for b in mine]
+
+    def state(self) -> dict:
+        return {"epoch": int(self.epoch), "microbatch": int(self.pos)}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["microbatch"])
+
+
+def eval_batches(ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
+                 max_examples: int | None = None, seed: int = 0, world_size: int = 1, rank: int = 0) -> list[Batch]:
+    """This rank's share of the validation micro-batches: a fixed seeded subset, length-sorted."""
+    n = len(ds)
+    idx = np.arange(n)
+    if max_examples is not None and n > max_examples:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
+    lengths = np.minimum(ds.lengths, max_len)
+    order = idx[np.argsort(-lengths[idx], kind="stable")]
+    batches = cut_batches(order, lengths, max_tokens, layout)
+    return [collate([ds[int(i)][:max_len] for i in b], vocab, layout) for b in batches[rank::world_size]]
+
+
+def check_vocab(vocab: Vocab, ds: TokenDataset, n_check: int = 64) -> None:
+    """Refuse shards whose tokens do not fit the vocabulary (a wrong vocab.json next to them)."""
+    for i in range(min(n_check, len(ds))):
+        x = ds[i]
+        if len(x) and int(x.max()) >= vocab.size:
+            raise ValueError(f"{ds.root}: token {int(x.max())} in example {ds.ids[i]} is outside the "
+                             f"vocabulary ({vocab.size} tokens)")
+        if len(x) and int(x[-1]) != EOS and len(x) > 1:
+            log.debug("example %s does not end with <eos> (cropped?)", ds.ids[i])
