@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"run directory (default: {layout.RUNS}/<tokens name>_<preset>, e.g. {layout.RUNS}/3di_tiny)")
     io.add_argument("--overwrite", action="store_true", help="delete the run directory and start over")
     io.add_argument("--resume", nargs="?", const="latest", default="auto", metavar="CKPT",
-                    help="default: continue from the newest checkpoint of --out when there is one. "
-                         "--resume alone: there must be one. --resume DIR: continue from that checkpoint. "
-                         "--resume none: ignore checkpoints")
+                    help="default: continue from the newest checkpoint of --out when there is one "
+                         "(--overwrite starts over). --resume alone: there must be one. --resume DIR: "
+                         "continue from that checkpoint directory")
 
     m = p.add_argument_group("model")
     m.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="architecture (default: %(default)s)")

@@ -194,7 +194,7 @@ def main(argv=None) -> int:
                 lab = np.full((len(bi), REF_LEN), IGNORE_INDEX, dtype=np.int64)
                 mask = np.zeros((len(bi), REF_LEN), dtype=np.int64)
                 for r, i in enumerate(bi):
-                    e = ds[int(i)][:REF_LEN].astype(np.int64)
+                    e = stream.example(i).astype(np.int64)          # truncated at 1024, as ours
                     ids[r, : len(e)], lab[r, : len(e)], mask[r, : len(e)] = e, vocab.labels(e), 1
                 with autocast():
                     out = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),

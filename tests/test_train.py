@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import ROOT, foldseek_chains, write_threedi_tokens
 from tokenfold import checkpoint as ckpt
 from tokenfold.data import TrainStream, padding_fraction, plan_epoch
-from tokenfold.shards import TokenDataset
+from tokenfold.shards import TokenDataset, TokenShardWriter
 from tokenfold.train import EXIT_OK, EXIT_REQUEUE, TrainConfig, train
 from tokenfold.vocab import Vocab
 
@@ -58,6 +58,19 @@ def test_stream_splits_steps_over_ranks(tmp_path):
         b = [s.next_step()[0] for s in two]
         assert [x.input_ids.tolist() for x in a] == [x.input_ids.tolist() for x in b]
     assert one.state() == two[0].state() and one.state()["epoch"] == 1
+
+
+def test_stream_skips_examples_without_a_target(tmp_path):
+    v = Vocab.for_kind("3di")
+    (_, aa, ss), = foldseek_chains(30, 40)[:1]
+    v.save(tmp_path / "vocab.json")
+    w = TokenShardWriter(tmp_path, "train", 0)
+    w.add(np.zeros(0, np.int64), "empty", 0, 0)
+    w.add(v.encode(aa, v.threedi_codes(ss)), "real", 1, len(aa))
+    w.close()
+    s = TrainStream(TokenDataset(tmp_path, "train"), v, max_tokens=1024, max_len=1024, layout="padded", seed=0)
+    (b,) = s.next_step()
+    assert b.n_examples == 1 and b.n_tokens == 2 * len(aa) + 4 and b.n_loss == len(aa) + 1
 
 
 def test_tiny_preset_overfits_real_proteins(tmp_path):

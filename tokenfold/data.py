@@ -172,11 +172,15 @@ class TrainStream:
         self.accum, self.world, self.rank = grad_accum, world_size, rank
         self.per_step = grad_accum * world_size
         raw = ds.lengths
+        self.index = np.flatnonzero(raw >= 2)          # an example needs 2 tokens to have a target
+        if len(self.index) < len(ds):
+            log.warning("%d training examples have fewer than 2 tokens: skipped", len(ds) - len(self.index))
+        raw = raw[self.index]
         self.n_truncated = int((raw > max_len).sum())
         if self.n_truncated:
             log.warning("%d of %d training examples are longer than --max-len %d tokens: truncated",
                         self.n_truncated, len(ds), max_len)
-        self.lengths = np.minimum(raw, max_len)
+        self.lengths = np.minimum(raw, max_len)        # per usable example, in the order of self.index
         self.epoch, self.pos = 0, 0
         self._plan_epoch, self._plan = -1, []
         if self.steps_per_epoch(0) == 0:
@@ -196,7 +200,8 @@ class TrainStream:
         return padding_fraction(self.plan(epoch), self.lengths, self.layout)
 
     def example(self, i: int) -> np.ndarray:
-        return self.ds[int(i)][: self.max_len]
+        """Tokens of usable example i (an index into `lengths`, as in the plan)."""
+        return self.ds[int(self.index[i])][: self.max_len]
 
     def next_step(self) -> list[Batch]:
         plan = self.plan(self.epoch)
@@ -218,11 +223,10 @@ class TrainStream:
 def eval_batches(ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
                  max_examples: int | None = None, seed: int = 0, world_size: int = 1, rank: int = 0) -> list[Batch]:
     """This rank's share of the validation micro-batches: a fixed seeded subset, length-sorted."""
-    n = len(ds)
-    idx = np.arange(n)
-    if max_examples is not None and n > max_examples:
-        idx = np.sort(np.random.default_rng(seed).choice(n, max_examples, replace=False))
     lengths = np.minimum(ds.lengths, max_len)
+    idx = np.flatnonzero(lengths >= 2)
+    if max_examples is not None and len(idx) > max_examples:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_examples, replace=False))
     order = idx[np.argsort(-lengths[idx], kind="stable")]
     batches = cut_batches(order, lengths, max_tokens, layout)
     return [collate([ds[int(i)][:max_len] for i in b], vocab, layout) for b in batches[rank::world_size]]

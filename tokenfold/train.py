@@ -226,320 +226,376 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
 
 # ----------------------------------------------------------------------------- the run
 def _compat_fingerprint(cfg: TrainConfig, total_steps: int, layout_name: str, world: int) -> dict:
+    """The settings a resumed run must share with the checkpointed one."""
     d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MUTABLE}
     d.update(total_steps=total_steps, batch_layout=layout_name, microbatches_per_step=cfg.grad_accum * world)
-    d.pop("max_steps", None); d.pop("epochs", None)
+    d.pop("max_steps", None)
+    d.pop("epochs", None)
     return d
 
 
 def train(cfg: TrainConfig) -> TrainResult:
+    """One training run (all ranks call it). See the module docstring for outputs and exit codes."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    stop = StopFlag().install()   # early, so a signal during setup still ends in a checkpoint + 124
     dist = distributed.init(cfg.device)
     try:
-        return _train(cfg, dist)
+        trainer = Trainer(cfg, dist, stop)
+        return trainer.run()
     finally:
+        stop.restore()
         dist.close()
 
 
-def _train(cfg: TrainConfig, dist: distributed.Dist) -> TrainResult:
-    main = dist.is_main
-    if not main:
-        logging.getLogger("tokenfold").setLevel(logging.WARNING)
-    run_dir = Path(cfg.out)
-    tokens = Path(cfg.tokens)
-    device = dist.device
-    if not (tokens / "vocab.json").exists():
-        raise FileNotFoundError(f"{tokens}: no vocab.json (run stage 04, 04_tokenize.py, first)")
-    vocab = Vocab.load(tokens / "vocab.json")
-    train_ds = TokenDataset(tokens, "train")
-    val_ds = TokenDataset(tokens, "val") if (tokens / "val").is_dir() else None
-    check_vocab(vocab, train_ds)
+class Trainer:
+    """Holds the state of one run: data stream, model, optimizer, schedule, counters, run files."""
 
-    # ---- start over / already done / resume
-    if cfg.overwrite and main and run_dir.exists():
-        shutil.rmtree(run_dir)
-    dist.barrier()
-    final_dir = run_dir / "final"
-
-    # ---- model, batches
-    model_cfg = build_config(cfg.preset, vocab, cfg.model_overrides)
-    if cfg.max_len > model_cfg.max_position_embeddings:
-        raise ValueError(f"--max-len {cfg.max_len} exceeds the model's {model_cfg.max_position_embeddings} positions")
-    attn = pick_attention(device, cfg.attn)
-    batch_layout = layout_for(attn) if cfg.batch_layout == "auto" else cfg.batch_layout
-    if batch_layout == "packed" and not attn.startswith("flash_attention") and not _packed_sdpa_supported():
-        raise ValueError("the packed layout needs flash_attention_2, or transformers >= 5 for SDPA; use --batch-layout padded")
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    amp_dtype = torch.bfloat16 if precision == "bf16" else None
-
-    def autocast():
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-    stream = TrainStream(train_ds, vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len, layout=batch_layout,
-                         seed=cfg.seed, grad_accum=cfg.grad_accum, world_size=dist.world_size, rank=dist.rank,
-                         window=cfg.bucket_window)
-    spe = stream.steps_per_epoch(0)
-    if cfg.max_steps:
-        total_steps = int(cfg.max_steps)
-    else:
-        total_steps = max(1, int(round((cfg.epochs or 1.0) * spe)))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * total_steps))
-    fingerprint = _compat_fingerprint(cfg, total_steps, batch_layout, dist.world_size)
-
-    if final_dir.exists() and not cfg.overwrite:
-        done = read_json(run_dir / "run_config.json")["fingerprint"] if (run_dir / "run_config.json").exists() else None
-        if done is not None and done != fingerprint:
-            raise ValueError(f"{run_dir} holds a finished run with other settings: use --overwrite or another --out")
-        log.info("%s: already finished (final/ exists); nothing to do (--overwrite to redo)", run_dir)
-        return TrainResult(EXIT_OK, total_steps, run_dir, final_dir)
-
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-    elif cfg.resume == "latest":
-        resume_from = ckpt.latest_checkpoint(run_dir)
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints")
-    elif cfg.resume not in ("none", "", None):
-        resume_from = ckpt.resolve(cfg.resume)
-    if resume_from is not None and (run_dir / "run_config.json").exists():
-        old = read_json(run_dir / "run_config.json")["fingerprint"]
-        diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
-        if diff:
-            raise ValueError(f"cannot resume {run_dir}: settings changed ({', '.join(diff)}); "
-                             "use the same settings, or --overwrite / another --out")
-
-    seed_everything(cfg.seed)
-    if resume_from is not None:
-        model = ckpt.from_pretrained(resume_from, dtype=torch.float32, attn_implementation=attn)
-    else:
-        model = build_model(model_cfg, attn, seed=cfg.seed)
-    model.to(device)
-    model.train()
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_params = count_params(model)
-    optimizer = make_optimizer(model, cfg, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, cfg.min_lr_ratio))
-
-    step, tokens_seen = 0, 0
-    if resume_from is not None:
-        state = ckpt.load_trainer_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stream.load_state(state["data"])
-        step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[dist.rank] if len(rngs) == dist.world_size else rngs[0])
-        log.info("resumed from %s: step %d, epoch %d, micro-batch %d", resume_from, step,
-                 stream.epoch, stream.pos)
-
-    module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        module = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        module = torch.compile(module, dynamic=True)
-
-    val_batches = []
-    if val_ds is not None and len(val_ds):
-        val_batches = eval_batches(val_ds, vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
-                                   layout=batch_layout, max_examples=cfg.eval_max_examples, seed=cfg.seed,
-                                   world_size=dist.world_size, rank=dist.rank)
-
-    # ---- run files (main rank)
-    metrics_path = run_dir / "metrics.jsonl"
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(run_dir / "run_config.json", {
-            "config": asdict(cfg), "fingerprint": fingerprint, "model": model_cfg.to_dict(), "preset": cfg.preset,
-            "attn_implementation": attn, "batch_layout": batch_layout, "precision": precision,
-            "world_size": dist.world_size, "launcher": dist.launcher, "device": str(device),
-            "n_params": n_params, "n_params_non_embedding": count_params(model, exclude_embeddings=True),
-            "total_steps": total_steps, "warmup_steps": warmup, "steps_per_epoch": spe,
-            "train_examples": len(train_ds), "train_tokens": train_ds.n_tokens,
-            "val_examples": len(val_ds) if val_ds is not None else 0,
-            "padding_fraction_epoch0": stream.padding_fraction(0), "truncated_examples": stream.n_truncated,
-            "vocab": {"kind": vocab.kind, "size": vocab.size, "interleaved": vocab.interleaved},
-            "exit_status": {"finished": EXIT_OK, "stopped_requeue": EXIT_REQUEUE}})
-        # keep the metrics of the steps the checkpoint covers, drop those of a killed tail
-        kept = []
-        if resume_from is not None and metrics_path.exists():
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
-        write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
-    log.info("model %s: %.2fM parameters, attention %s, %s batches of <= %d tokens x %d accum x %d ranks, "
-             "%s; %d steps (%d per epoch), padding %.1f%% of positions",
-             cfg.preset, n_params / 1e6, attn, batch_layout, cfg.max_tokens, cfg.grad_accum, dist.world_size,
-             precision, total_steps, spe, 100 * stream.padding_fraction(0))
-
-    wandb_run = None
-    if cfg.wandb and main:
-        try:
-            import wandb  # lazily: only when asked for
-        except ImportError as e:
-            raise ImportError("--wandb needs the wandb package (pip install wandb)") from e
-        wandb_run = wandb.init(project=cfg.wandb_project, name=run_dir.name, id=run_dir.name.replace("/", "_"),
-                               resume="allow", config={"train": asdict(cfg), "model": model_cfg.to_dict()})
-
-    def write_metrics(rec: dict):
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            if wandb_run is not None:
-                wandb_run.log({f"{rec['split']}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))},
-                              step=rec["step"])
-
-    last_val: dict | None = None
-
-    def run_eval():
-        nonlocal last_val
-        if val_ds is None or len(val_ds) == 0:
-            return None
-        t0 = time.time()
-        last_val = evaluate(model, val_batches, vocab, dist, autocast)
-        last_val = {"split": "val", "step": step, **last_val}
-        write_metrics(last_val)
-        log.info("step %d val: loss %.4f, structure-token accuracy %.4f (%d tokens, %.1fs)", step,
-                 last_val["loss"], last_val["acc"], last_val["n_struct"], time.time() - t0)
-        return last_val
-
-    saved_step = -1
-
-    def save(tag: str):
-        nonlocal saved_step
-        rng = [ckpt.to_tensor_tree(r) for r in dist.gather_objects(ckpt.to_numpy_tree(ckpt.rng_state()))]
-        if main:
-            state = {"step": step, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "data": stream.state(), "rng": rng,
-                     "world_size": dist.world_size, "format": "tokenfold-trainer-state", "version": 1}
-            info = {"step": step, "tokens_seen": tokens_seen, "run": run_dir.name, "preset": cfg.preset,
-                    "reason": tag, "val": last_val, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            d = ckpt.save(ckpt.step_dir(run_dir, step), model, vocab, state, info)
-            ckpt.prune(run_dir, cfg.keep_last)
-            log.info("saved %s (%s)", d, tag)
-        saved_step = step
+    def __init__(self, cfg: TrainConfig, dist: distributed.Dist, stop: StopFlag):
+        self.cfg, self.dist, self.stop = cfg, dist, stop
+        self.main = dist.is_main
+        if not self.main:
+            logging.getLogger("tokenfold").setLevel(logging.WARNING)
+        self.run_dir = Path(cfg.out)
+        self.final_dir = self.run_dir / "final"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.device = dist.device
+        tokens = Path(cfg.tokens)
+        if not (tokens / "vocab.json").exists():
+            raise FileNotFoundError(f"{tokens}: no vocab.json (run stage 04, 04_tokenize.py, first)")
+        self.vocab = Vocab.load(tokens / "vocab.json")
+        self.train_ds = TokenDataset(tokens, "train")
+        self.val_ds = TokenDataset(tokens, "val") if (tokens / "val").is_dir() else None
+        check_vocab(self.vocab, self.train_ds)
+        if cfg.overwrite and self.main and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
         dist.barrier()
 
-    # ---- loop
-    stop = StopFlag().install()
-    steps_this_run = 0
-    if resume_from is None and step == 0:
-        run_eval()
-    bar = progress(total=total_steps, initial=step, desc="train") if main else _NullBar()
-    t_last, excluded, tok_int, pos_int, loss_int, corr_int, nl_int, ns_int = time.time(), 0.0, 0, 0, 0.0, 0.0, 0, 0
-    t_start, tok_start = time.time(), tokens_seen
-    grad_norm = torch.zeros(())
-    try:
-        while step < total_steps:
-            batches = stream.next_step()
-            counts = torch.tensor([sum(b.n_loss for b in batches), sum(b.n_struct for b in batches),
-                                   sum(b.n_tokens for b in batches), sum(b.n_positions for b in batches)],
-                                  dtype=torch.float64, device=device)
-            dist.all_reduce_sum(counts)
-            n_loss_global = max(counts[0].item(), 1.0)
-            loss_local = torch.zeros((), dtype=torch.float64, device=device)
-            corr_local = torch.zeros((), dtype=torch.float64, device=device)
-            for i, b in enumerate(batches):
-                sync = (i == len(batches) - 1) or not dist.enabled
-                ctx = contextlib.nullcontext() if sync else module.no_sync()
-                with ctx:
-                    with autocast():
-                        logits = module(**b.model_inputs(device), use_cache=False).logits
-                    loss_sum, correct = token_stats(logits, b.labels, vocab.struct_offset)
-                    # DDP averages gradients over ranks: scale so the result is d(global mean loss)
-                    (loss_sum * (dist.world_size / n_loss_global)).backward()
-                loss_local += loss_sum.detach().double()
-                corr_local += correct.double()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            steps_this_run += 1
-            want_stop = stop.signum is not None or (cfg.stop_after_steps is not None
-                                                     and steps_this_run >= cfg.stop_after_steps)
-            red = torch.stack([loss_local, corr_local,
-                               torch.tensor(float(want_stop), dtype=torch.float64, device=device)])
-            dist.all_reduce_sum(red)
-            loss_step, corr_step, stop_votes = red.tolist()
-            n_loss_i, n_struct_i, n_tok_i, n_pos_i = (int(x) for x in counts.tolist())
-            tokens_seen += n_tok_i
-            tok_int += n_tok_i; pos_int += n_pos_i; loss_int += loss_step; corr_int += corr_step
-            nl_int += n_loss_i; ns_int += n_struct_i
-            bar.update(1)
+        # model shape, attention, batch layout, precision
+        self.model_cfg = build_config(cfg.preset, self.vocab, cfg.model_overrides)
+        if cfg.max_len > self.model_cfg.max_position_embeddings:
+            raise ValueError(f"--max-len {cfg.max_len} exceeds the model's {self.model_cfg.max_position_embeddings} positions")
+        self.attn = pick_attention(self.device, cfg.attn)
+        self.layout = layout_for(self.attn) if cfg.batch_layout == "auto" else cfg.batch_layout
+        if self.layout == "packed" and not self.attn.startswith("flash_attention") and not _packed_sdpa_supported():
+            raise ValueError("the packed layout needs flash_attention_2, or transformers >= 5 for SDPA; "
+                             "use --batch-layout padded")
+        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
 
-            if step % cfg.log_every == 0 or step == total_steps or stop_votes > 0:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = max(time.time() - t_last - excluded, 1e-9)   # eval / checkpoint time excluded
-                rec = {"split": "train", "step": step, "epoch": stream.epoch, "loss": loss_int / max(nl_int, 1),
-                       "acc": corr_int / max(ns_int, 1), "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), "tokens_per_s": tok_int / dt, "positions_per_s": pos_int / dt,
-                       "pad_frac": 1.0 - tok_int / max(pos_int, 1), "tokens_seen": tokens_seen,
-                       "elapsed_s": time.time() - t_start}
-                write_metrics(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                log.info("step %d/%d  loss %.4f  acc %.3f  lr %.2e  |g| %.2f  %.0f tok/s (useful; %.1f%% padding)"
-                         "  epoch %d", step, total_steps, rec["loss"], rec["acc"], rec["lr"], rec["grad_norm"],
-                         rec["tokens_per_s"], 100 * rec["pad_frac"], stream.epoch)
-                tok_int = pos_int = nl_int = ns_int = 0
-                loss_int = corr_int = excluded = 0.0
-                t_last = time.time()
+        # data and schedule length
+        self.stream = TrainStream(self.train_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
+                                  layout=self.layout, seed=cfg.seed, grad_accum=cfg.grad_accum,
+                                  world_size=dist.world_size, rank=dist.rank, window=cfg.bucket_window)
+        self.steps_per_epoch = self.stream.steps_per_epoch(0)
+        self.total_steps = int(cfg.max_steps) if cfg.max_steps else \
+            max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
+        self.fingerprint = _compat_fingerprint(cfg, self.total_steps, self.layout, dist.world_size)
+        self.val_batches = []
+        if self.val_ds is not None and len(self.val_ds):
+            self.val_batches = eval_batches(self.val_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
+                                            layout=self.layout, max_examples=cfg.eval_max_examples, seed=cfg.seed,
+                                            world_size=dist.world_size, rank=dist.rank)
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_val: dict | None = None
+        self.saved_step = -1
+        self.wandb_run = None
 
-            if step < total_steps and stop_votes > 0:
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    run_eval()   # as an uninterrupted run would: the resumed run starts after it
-                save("stop signal" if stop.signum is not None else f"--stop-after-steps {cfg.stop_after_steps}")
-                if main:
-                    plot_curves(metrics_path, run_dir / "curves.png")
-                log.warning("stopped at step %d/%d; exit status %d: rerun the same command to resume",
-                            step, total_steps, EXIT_REQUEUE)
-                return TrainResult(EXIT_REQUEUE, step, run_dir, None, last_val)
-            t_aside = time.time()
-            if step < total_steps and cfg.eval_every and step % cfg.eval_every == 0:
-                run_eval()
-                if main:
-                    plot_curves(metrics_path, run_dir / "curves.png")
-            if step < total_steps and cfg.save_every and step % cfg.save_every == 0:
-                save("periodic")
-            excluded += time.time() - t_aside
-    finally:
-        bar.close()
-        stop.restore()
+    # ---- helpers
+    def autocast(self):
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    # ---- the end: final validation, checkpoint, final/, report
-    wall = time.time() - t_start
-    run_eval()
-    if saved_step != step:
-        save("final")
-    if main:
-        ckpt.publish(ckpt.step_dir(run_dir, step), final_dir)
-        plot_curves(metrics_path, run_dir / "curves.png")
+    def finished_already(self) -> bool:
+        if not self.final_dir.exists() or self.cfg.overwrite:
+            return False
+        cfg_path = self.run_dir / "run_config.json"
+        if cfg_path.exists() and read_json(cfg_path)["fingerprint"] != self.fingerprint:
+            raise ValueError(f"{self.run_dir} holds a finished run with other settings: use --overwrite or another --out")
+        return True
+
+    def find_resume(self) -> Path | None:
+        cfg = self.cfg
+        if cfg.resume == "auto":
+            found = ckpt.latest_checkpoint(self.run_dir)
+        elif cfg.resume == "latest":
+            found = ckpt.latest_checkpoint(self.run_dir)
+            if found is None:
+                raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}/checkpoints")
+        else:
+            found = ckpt.resolve(cfg.resume)
+        cfg_path = self.run_dir / "run_config.json"
+        if found is not None and cfg_path.exists():
+            old = read_json(cfg_path)["fingerprint"]
+            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+            if diff:
+                raise ValueError(f"cannot resume {self.run_dir}: settings changed ({', '.join(diff)}); "
+                                 "use the same settings, or --overwrite / another --out")
+        return found
+
+    def build(self, resume_from: Path | None) -> None:
+        """Model (fresh or from the checkpoint), optimizer, schedule, and the rest of the saved state."""
+        cfg = self.cfg
+        seed_everything(cfg.seed)
+        if resume_from is not None:
+            self.model = ckpt.from_pretrained(resume_from, dtype=torch.float32, attn_implementation=self.attn)
+        else:
+            self.model = build_model(self.model_cfg, self.attn, seed=cfg.seed)
+        self.model.to(self.device).train()
+        if cfg.grad_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.total_steps, self.warmup, cfg.min_lr_ratio))
+        if resume_from is not None:
+            state = ckpt.load_trainer_state(resume_from)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.stream.load_state(state["data"])
+            self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+            rngs = state["rng"]
+            ckpt.set_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world_size else rngs[0])
+            log.info("resumed from %s: step %d, epoch %d, micro-batch %d", resume_from, self.step,
+                     self.stream.epoch, self.stream.pos)
+        # what the training step calls: DDP wrapper (gradient all-reduce), then optionally compiled
+        self.module = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            self.module = torch.compile(self.module, dynamic=True)
+
+    def start_files(self, resumed: bool) -> None:
+        """run_config.json; metrics.jsonl cut back to the resumed step (a killed tail is dropped)."""
+        if not self.main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        m, s = self.model, self.stream
+        write_json_atomic(self.run_dir / "run_config.json", {
+            "config": asdict(self.cfg), "fingerprint": self.fingerprint, "model": self.model_cfg.to_dict(),
+            "preset": self.cfg.preset, "attn_implementation": self.attn, "batch_layout": self.layout,
+            "precision": self.precision, "world_size": self.dist.world_size, "launcher": self.dist.launcher,
+            "device": str(self.device), "n_params": count_params(m),
+            "n_params_non_embedding": count_params(m, exclude_embeddings=True),
+            "total_steps": self.total_steps, "warmup_steps": self.warmup, "steps_per_epoch": self.steps_per_epoch,
+            "train_examples": len(self.train_ds), "train_tokens": self.train_ds.n_tokens,
+            "val_examples": len(self.val_ds) if self.val_ds is not None else 0,
+            "padding_fraction_epoch0": s.padding_fraction(0), "truncated_examples": s.n_truncated,
+            "vocab": {"kind": self.vocab.kind, "size": self.vocab.size, "interleaved": self.vocab.interleaved},
+            "exit_status": {"finished": EXIT_OK, "stopped_requeue": EXIT_REQUEUE}})
+        kept = []
+        if resumed and self.metrics_path.exists():
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        write_text_atomic(self.metrics_path, "".join(line + "\n" for line in kept))
+        if self.cfg.wandb:
+            try:
+                import wandb  # lazily: only when asked for
+            except ImportError as e:
+                raise ImportError("--wandb needs the wandb package (pip install wandb)") from e
+            self.wandb_run = wandb.init(project=self.cfg.wandb_project, name=self.run_dir.name,
+                                        id=self.run_dir.name.replace("/", "_"), resume="allow",
+                                        config={"train": asdict(self.cfg), "model": self.model_cfg.to_dict()})
+
+    def write_metrics(self, rec: dict) -> None:
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"{rec['split']}/{k}": v for k, v in rec.items() if isinstance(v, (int, float))},
+                               step=rec["step"])
+
+    def validate(self) -> dict | None:
+        """Periodic validation (all ranks), logged and written to metrics.jsonl."""
+        if self.val_ds is None or len(self.val_ds) == 0:
+            return None
+        t0 = time.time()
+        res = evaluate(self.model, self.val_batches, self.vocab, self.dist, self.autocast)
+        self.last_val = {"split": "val", "step": self.step, **res}
+        self.write_metrics(self.last_val)
+        log.info("step %d val: loss %.4f, structure-token accuracy %.4f (%d tokens, %.1fs)", self.step,
+                 res["loss"], res["acc"], res["n_struct"], time.time() - t0)
+        if self.main:
+            plot_curves(self.metrics_path, self.run_dir / "curves.png")
+        return self.last_val
+
+    def save(self, reason: str) -> None:
+        """Checkpoint of this step (all ranks take part: RNG states are gathered to rank 0)."""
+        rng = [ckpt.to_tensor_tree(r) for r in self.dist.gather_objects(ckpt.to_numpy_tree(ckpt.rng_state()))]
+        if self.main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "data": self.stream.state(), "rng": rng,
+                     "world_size": self.dist.world_size, "format": "tokenfold-trainer-state", "version": 1}
+            info = {"step": self.step, "tokens_seen": self.tokens_seen, "run": self.run_dir.name,
+                    "preset": self.cfg.preset, "reason": reason, "val": self.last_val,
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            d = ckpt.save(ckpt.step_dir(self.run_dir, self.step), self.model, self.vocab, state, info)
+            ckpt.prune(self.run_dir, self.cfg.keep_last)
+            log.info("saved %s (%s)", d, reason)
+        self.saved_step = self.step
+        self.dist.barrier()
+
+    # ---- one optimizer step
+    def train_step(self) -> dict:
+        """Forward/backward over this rank's micro-batches, then one update. Returns global sums."""
+        dev, dist = self.device, self.dist
+        batches = self.stream.next_step()
+        counts = torch.tensor([sum(b.n_loss for b in batches), sum(b.n_struct for b in batches),
+                               sum(b.n_tokens for b in batches), sum(b.n_positions for b in batches)],
+                              dtype=torch.float64, device=dev)
+        dist.all_reduce_sum(counts)            # the loss is a mean over the targets of the GLOBAL batch
+        n_loss_global = max(counts[0].item(), 1.0)
+        loss_local = torch.zeros((), dtype=torch.float64, device=dev)
+        correct_local = torch.zeros((), dtype=torch.float64, device=dev)
+        for i, b in enumerate(batches):
+            last = i == len(batches) - 1
+            # gradients are all-reduced once per step, on the last micro-batch
+            with contextlib.nullcontext() if (last or not dist.enabled) else self.module.no_sync():
+                with self.autocast():
+                    logits = self.module(**b.model_inputs(dev), use_cache=False).logits
+                loss_sum, correct = token_stats(logits, b.labels, self.vocab.struct_offset)
+                # DDP averages over ranks; times world_size makes it the gradient of the global mean
+                (loss_sum * (dist.world_size / n_loss_global)).backward()
+            loss_local += loss_sum.detach().double()
+            correct_local += correct.double()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        sums = dist.all_reduce_sum(torch.stack([loss_local, correct_local]))
+        n_loss, n_struct, n_tok, n_pos = (int(x) for x in counts.tolist())
+        self.tokens_seen += n_tok
+        return {"loss_sum": sums[0].item(), "correct": sums[1].item(), "n_loss": n_loss, "n_struct": n_struct,
+                "n_tokens": n_tok, "n_positions": n_pos, "grad_norm": float(grad_norm)}
+
+    def stop_requested(self, steps_this_run: int) -> bool:
+        """Did any rank get SIGTERM/SIGUSR1 (or reach --stop-after-steps)? All ranks agree."""
+        want = self.stop.signum is not None or (self.cfg.stop_after_steps is not None
+                                                and steps_this_run >= self.cfg.stop_after_steps)
+        votes = self.dist.all_reduce_sum(torch.tensor([float(want)], device=self.device))
+        return votes.item() > 0
+
+    # ---- the whole run
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.finished_already():
+            log.info("%s: already finished (final/ exists); nothing to do (--overwrite to redo)", self.run_dir)
+            return TrainResult(EXIT_OK, self.total_steps, self.run_dir, self.final_dir)
+        resume_from = self.find_resume()
+        self.build(resume_from)
+        self.start_files(resumed=resume_from is not None)
+        log.info("model %s: %.2fM parameters, attention %s, %s batches of <= %d tokens x %d accum x %d ranks, "
+                 "%s; %d steps (%d per epoch), padding %.1f%% of positions", cfg.preset,
+                 count_params(self.model) / 1e6, self.attn, self.layout, cfg.max_tokens, cfg.grad_accum,
+                 self.dist.world_size, self.precision, self.total_steps, self.steps_per_epoch,
+                 100 * self.stream.padding_fraction(0))
+        if resume_from is None:
+            self.validate()                     # the starting point of the curves
+        bar = progress(total=self.total_steps, initial=self.step, desc="train") if self.main else _NullBar()
+        acc = _Interval()
+        t_start, tok_start, steps_this_run = time.time(), self.tokens_seen, 0
+        try:
+            while self.step < self.total_steps:
+                acc.add(self.train_step())
+                steps_this_run += 1
+                bar.update(1)
+                stopping = self.stop_requested(steps_this_run)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps or stopping:
+                    rec = acc.record(self)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}")
+                if self.step == self.total_steps:
+                    break
+                t_aside = time.time()
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.validate()
+                if stopping:
+                    self.save("stop signal" if self.stop.signum is not None else f"--stop-after-steps {cfg.stop_after_steps}")
+                    log.warning("stopped at step %d/%d; exit status %d: rerun the same command to resume",
+                                self.step, self.total_steps, EXIT_REQUEUE)
+                    return TrainResult(EXIT_REQUEUE, self.step, self.run_dir, None, self.last_val)
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save("periodic")
+                acc.excluded += time.time() - t_aside   # eval / checkpoint time is not training throughput
+        finally:
+            bar.close()
+        return self.finish(time.time() - t_start, tok_start)
+
+    def finish(self, wall: float, tok_start: int) -> TrainResult:
+        """Final validation, checkpoint, final/, report.json, curves."""
+        self.validate()
+        if self.saved_step != self.step:
+            self.save("final")
+        if self.main:
+            ckpt.publish(ckpt.step_dir(self.run_dir, self.step), self.final_dir)
+            plot_curves(self.metrics_path, self.run_dir / "curves.png")
+            self.write_report(wall, tok_start)
+            log.info("done: %d steps, %s tokens; final/ at %s", self.step, f"{self.tokens_seen:,}", self.final_dir)
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        self.dist.barrier()
+        return TrainResult(EXIT_OK, self.step, self.run_dir, self.final_dir, self.last_val)
+
+    def write_report(self, wall: float, tok_start: int) -> None:
         from .report import write_report
 
-        recs = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        recs = [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
         tr = [r for r in recs if r["split"] == "train"]
-        attn_len = float(np.sum(stream.lengths.astype(np.float64) ** 2) / max(stream.lengths.sum(), 1))
-        tps = (tokens_seen - tok_start) / max(wall, 1e-9)
-        write_report(run_dir / "report.json", {
-            "stage": "05_train_lm", "run": run_dir.name, "preset": cfg.preset, "n_params": n_params,
-            "steps": step, "tokens_seen": tokens_seen, "epochs_seen": stream.epoch + stream.pos / max(len(stream.plan(stream.epoch)), 1),
+        lens = self.stream.lengths.astype(np.float64)
+        fpt = flops_per_token(self.model_cfg, float((lens ** 2).sum() / max(lens.sum(), 1)))
+        tps = (self.tokens_seen - tok_start) / max(wall, 1e-9)
+        s = self.stream
+        write_report(self.run_dir / "report.json", {
+            "stage": "05_train_lm", "run": self.run_dir.name, "preset": self.cfg.preset,
+            "n_params": count_params(self.model), "steps": self.step, "tokens_seen": self.tokens_seen,
+            "epochs_seen": s.epoch + s.pos / max(len(s.plan(s.epoch)), 1),
             "final_train_loss": tr[-1]["loss"] if tr else None, "final_train_acc": tr[-1]["acc"] if tr else None,
-            "val": last_val, "useful_tokens_per_s_wall": tps,  # this session, eval and checkpoints included
-            "model_flops_per_token": flops_per_token(model_cfg, attn_len),
-            "padding_fraction": stream.padding_fraction(0), "batch_layout": batch_layout,
-            "attn_implementation": attn, "precision": precision, "world_size": dist.world_size,
-            "device": str(device), "wall_s_this_session": wall, "final_dir": str(final_dir)})
-        log.info("done: %d steps, %s tokens; final/ at %s", step, f"{tokens_seen:,}", final_dir)
-    if wandb_run is not None:
-        wandb_run.finish()
-    dist.barrier()
-    return TrainResult(EXIT_OK, step, run_dir, final_dir, last_val)
+            "val": self.last_val,
+            "useful_tokens_per_s_wall": tps,          # this session, validation and checkpoints included
+            "model_flops_per_token": fpt, "model_tflops_per_s_wall": fpt * tps / 1e12,
+            "padding_fraction": s.padding_fraction(0), "batch_layout": self.layout,
+            "attn_implementation": self.attn, "precision": self.precision, "world_size": self.dist.world_size,
+            "device": str(self.device), "wall_s_this_session": wall, "final_dir": str(self.final_dir)})
+
+
+class _Interval:
+    """Sums over the steps since the last train log line."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.t0, self.excluded = time.time(), 0.0
+        self.loss_sum = self.correct = 0.0
+        self.n_loss = self.n_struct = self.n_tokens = self.n_positions = 0
+        self.grad_norm = 0.0
+
+    def add(self, s: dict):
+        self.loss_sum += s["loss_sum"]; self.correct += s["correct"]
+        self.n_loss += s["n_loss"]; self.n_struct += s["n_struct"]
+        self.n_tokens += s["n_tokens"]; self.n_positions += s["n_positions"]
+        self.grad_norm = s["grad_norm"]
+
+    def record(self, tr: "Trainer") -> dict:
+        """Write the train metrics line (and the progress log line) for the interval, then reset."""
+        if tr.device.type == "cuda":
+            torch.cuda.synchronize(tr.device)
+        dt = max(time.time() - self.t0 - self.excluded, 1e-9)
+        rec = {"split": "train", "step": tr.step, "epoch": tr.stream.epoch, "loss": self.loss_sum / max(self.n_loss, 1),
+               "acc": self.correct / max(self.n_struct, 1), "lr": tr.scheduler.get_last_lr()[0],
+               "grad_norm": self.grad_norm, "tokens_per_s": self.n_tokens / dt, "positions_per_s": self.n_positions / dt,
+               "pad_frac": 1.0 - self.n_tokens / max(self.n_positions, 1), "tokens_seen": tr.tokens_seen}
+        tr.write_metrics(rec)
+        log.info("step %d/%d  loss %.4f  acc %.3f  lr %.2e  |g| %.2f  %.0f tok/s (useful; %.1f%% padding)  epoch %d",
+                 tr.step, tr.total_steps, rec["loss"], rec["acc"], rec["lr"], rec["grad_norm"],
+                 rec["tokens_per_s"], 100 * rec["pad_frac"], tr.stream.epoch)
+        self.reset()
+        return rec
 
 
 class _NullBar:
