@@ -91,6 +91,7 @@ tf_init() {
   export PYTHON=$PY
   export LOG_DIR=${LOG_DIR:-${TOKENFOLD_DATA:-data}/logs}
   mkdir -p "$LOG_DIR"
+  tf_select_stages
 }
 
 # tf_cmd SCRIPT ARGS...: the command line of a stage in TF_CMD. Several tasks in one batch job (DDP
@@ -113,7 +114,19 @@ tf_python() { tf_cmd "$@"; "${TF_CMD[@]}"; }
 # ----------------------------------------------------------------------------- the stage table
 # In order. Sharded stages (their scripts take --num-shards/--shard-index, defaulting from the SLURM
 # array, and --finalize) run as an array of S<NN>_ARRAY tasks followed by a finalize job.
-TF_STAGES=(01 02 03 04 05 06)
+TF_ALL_STAGES=(01 02 03 04 05 06)
+# the config's STAGES (e.g. "01 04 05 06": 3Di or geo tokens need no ESM-2) selects some of them
+tf_select_stages() {
+  TF_STAGES=()
+  local s w
+  for s in "${TF_ALL_STAGES[@]}"; do
+    if [ -z "${STAGES:-}" ]; then TF_STAGES+=("$s"); continue; fi
+    for w in $STAGES; do [ "$w" = "$s" ] && TF_STAGES+=("$s"); done
+  done
+  for w in ${STAGES:-}; do
+    [[ " ${TF_ALL_STAGES[*]} " == *" $w "* ]] || tf_die "STAGES: unknown stage '$w' (stages: ${TF_ALL_STAGES[*]})"
+  done
+}
 tf_stage_script() {
   case $1 in
     01) echo slurm/01_prepare_db.sbatch ;;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,9 @@ STAGES = ["01", "02", "03", "04", "05", "06"]
 # The reduced-size demo the end-to-end tests run (here and in test_slurm.py): the demo config with a
 # few values overridden from the environment, which is also how users override it.
 FAST = {
-    "S05_ARGS": "--max-steps 12 --eval-every 0 --save-every 6 --log-every 4",
-    "S06_ARGS": "--max-proteins 6 --n-pdb 2",
+    "S03_ARGS": "--n-init 1 --max-iter 20",
+    "S05_ARGS": "--max-steps 4 --max-tokens 4096 --eval-every 0 --save-every 1000 --log-every 1",
+    "S06_ARGS": "--max-proteins 3 --n-pdb 1 --no-unconstrained",
 }
 
 
@@ -115,4 +117,143 @@ def test_config_paths_follow_the_data_layout(config):
     assert Path(cfg["TOKENS_DIR"]) == data / rel(layout.tokens_dir(cfg["TOKEN_KIND"]))
     assert Path(cfg["RUN_DIR"]).parent == data / rel(layout.RUNS)
     assert Path(cfg["EVAL_DIR"]).parent == data / rel(layout.EVAL)
-    assert Path(cfg["EMB_DIR"]).parent == data / rel(layout.EMBEDDINGS)
+    assert Path(cfg["EMB_DIR"]) == data / rel(layout.embeddings_dir(cfg["ESM_NAME"], int(cfg["ESM_LAYER"])))
+
+
+# ----------------------------------------------------------------------------- the stage plan
+def plan_lines(config: Path, env: dict, *args) -> list[dict]:
+    p = subprocess.run(["bash", str(PIPELINE), "--plan", "--config", str(config), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return [dict(kv.split("=", 1) for kv in line.split("\t")) for line in p.stdout.splitlines()
+            if line.startswith("stage=")]
+
+
+def test_plan_demo_arrays_finalize_jobs_and_selection(tmp_path):
+    env = clean_env(TOKENFOLD_DATA=tmp_path)
+    lines = plan_lines(DEMO, env)
+    assert [(l["stage"], l["phase"]) for l in lines] == [
+        ("01", "array"), ("01", "finalize"), ("02", "array"), ("02", "finalize"), ("03", "job"),
+        ("04", "array"), ("04", "finalize"), ("05", "job"), ("06", "job")]
+    assert all(l["status"] == "todo" for l in lines)
+    assert lines[0]["tasks"] == "2" and lines[1]["args"].split() == ["--finalize"]
+    # 05 asks SLURM for its warning signal, to save and requeue in time
+    assert f"--signal=B:USR1@{load_config(DEMO, env=env)['S05_SIGNAL_SECS']}" in lines[7]["sbatch"]
+    # --from/--until, and STAGES for pipelines that need no ESM-2
+    sel = plan_lines(DEMO, env, "--from", "04", "--until", "05")
+    assert [l["stage"] for l in sel] == ["01", "01", "02", "02", "03", "04", "04", "05"]
+    assert sel[5]["args"].split() == ["--overwrite"] and sel[0]["args"].strip() == ""
+    assert [l["stage"] for l in plan_lines(DEMO, dict(env, STAGES="01 04 05 06", S04_ARRAY="1"))] == \
+        ["01", "01", "04", "05", "06"]
+    bad = subprocess.run(["bash", str(PIPELINE), "--plan"], cwd=ROOT, env=dict(env, STAGES="01 07"),
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown stage '07'" in bad.stderr
+
+
+def test_plan_cluster_config_resources():
+    """afdb50.env: GPU stages go to the GPU partition with --gres, CPU ones (and the finalize jobs
+    that ask for no GPU) to the CPU partition; multi-node DDP training; per-finalize resources."""
+    lines = plan_lines(ROOT / "slurm/config/afdb50.env", clean_env(USER="alice", TOKENFOLD_DATA="/nonexistent"))
+    job = {(l["stage"], l["phase"]): l["sbatch"].split() for l in lines}
+    assert {"--partition=cpu", "--cpus-per-task=2", "--mem=16G"} <= set(job["01", "array"])
+    assert {"--partition=cpu", "--cpus-per-task=64", "--mem=500G", "--time=2-00:00:00"} <= set(job["01", "finalize"])
+    assert {"--partition=gpu", "--gres=gpu:1"} <= set(job["02", "array"])
+    assert "--partition=cpu" in job["02", "finalize"] and not any(o.startswith("--gres") for o in job["02", "finalize"])
+    assert {"--partition=gpu", "--gres=gpu:4", "--nodes=2", "--ntasks-per-node=4", "--signal=B:USR1@600"} \
+        <= set(job["05", "job"])
+
+
+# ----------------------------------------------------------------------------- the local chain
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """`bash slurm/run_pipeline.sh --local` on the reduced demo (what `make demo` runs, smaller)."""
+    data = tmp_path_factory.mktemp("local_pipeline")
+    env = clean_env(TOKENFOLD_DATA=data, **FAST)
+    p = subprocess.run(["bash", str(PIPELINE), "--local", "--config", str(DEMO)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=1500)
+    return {"data": data, "env": env, "proc": p}
+
+
+def test_local_chain_runs_every_stage_and_lists_the_reports(local_run):
+    p, data, env = local_run["proc"], local_run["data"], local_run["env"]
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    starts = [re.search(rf"stage {s} \S+: running", p.stderr).start() for s in STAGES]
+    assert starts == sorted(starts)                                    # in order
+    times = [line.split("\t") for line in (data / "logs" / "local-stage-times.tsv").read_text().splitlines()]
+    assert [(t[0], t[2]) for t in times] == [(s, "ran") for s in STAGES]
+    print("local reduced demo, seconds per stage:", {t[0]: float(t[3]) for t in times})
+    cfg = load_config(DEMO, env=env)
+    from tokenfold.launcher import plan
+    jobs = plan(cfg)
+    assert all(j.status == "complete" for j in jobs)
+    for j in jobs:
+        for r in j.reports:
+            assert Path(r).is_file(), r
+            assert f"  {j.stage}  {r}" in p.stdout                      # printed at the end
+    # the demo's ESM-2 is random, and says so
+    emb = json.loads((Path(cfg["EMB_DIR"]) / "manifest.json").read_text())
+    assert "random" in json.dumps(emb).lower()
+
+
+def shadow_path_without(tmp_path: Path, names: set[str]) -> str:
+    """A PATH with the same programs as ours except `names` (e.g. no sbatch: 'no SLURM here')."""
+    shadow = tmp_path / "bin"
+    shadow.mkdir()
+    for d in os.environ["PATH"].split(":"):
+        if not os.path.isdir(d):
+            continue
+        for exe in os.scandir(d):
+            if exe.name not in names and not (shadow / exe.name).exists() and os.access(exe.path, os.X_OK):
+                (shadow / exe.name).symlink_to(exe.path)
+    return f"{Path(sys.executable).parent}:{shadow}"
+
+
+def test_without_sbatch_the_chain_runs_locally_and_skips_complete_stages(local_run, tmp_path):
+    env = dict(local_run["env"], PATH=shadow_path_without(tmp_path, {"sbatch", "srun", "squeue"}))
+    p = subprocess.run(["bash", str(PIPELINE), "--config", str(DEMO)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "sbatch not found on PATH: running every stage locally" in p.stderr
+    for s in STAGES:
+        assert re.search(rf"stage {s} \S+: complete .* skipped", p.stderr), p.stderr
+
+
+def test_train_script_passes_the_requeue_status_through_locally(local_run):
+    """Outside SLURM, 05's batch script returns 05's 'saved, run again' status (124), and running
+    it again resumes the run to the end."""
+    run_dir = local_run["data"] / "runs" / "sliced"
+    env = dict(local_run["env"], RUN_DIR=str(run_dir), S05_ARGS="--max-steps 4 --max-tokens 2048 --eval-every 0")
+    script = ["bash", str(ROOT / "slurm" / "05_train_lm.sbatch")]
+    p = subprocess.run([*script, "--stop-after-steps", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 124, p.stderr[-2000:]
+    assert "run the same command again to resume" in p.stderr
+    p = subprocess.run(script, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "resumed from" in p.stderr, p.stderr[-2000:]
+    assert (run_dir / "final").is_dir()
+
+
+def test_local_failure_stops_the_chain_and_the_launcher_resumes_it(local_run):
+    """A stage that fails locally stops the chain with its log named; the submitit launcher (local
+    processes) then resumes from that stage, as a 2-task array + finalize; a failing stage raises."""
+    from tokenfold.launcher import StageFailed, run_pipeline
+
+    env, data = local_run["env"], local_run["data"]
+    cfg = load_config(DEMO, env=env)
+    shutil.rmtree(cfg["EVAL_DIR"])
+    bad = dict(env, S06_ARGS=env["S06_ARGS"] + " --no-such-flag")
+    p = subprocess.run(["bash", str(PIPELINE), "--local", "--config", str(DEMO)], cwd=ROOT, env=bad,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and "stage 06 evaluate FAILED" in p.stderr and "06-evaluate.log" in p.stderr
+    assert "unrecognized arguments: --no-such-flag" in (data / "logs" / "06-evaluate.log").read_text()
+
+    overrides = {k: env[k] for k in FAST} | {"TOKENFOLD_DATA": str(data), "S06_ARRAY": "2"}
+    with pytest.raises(StageFailed, match="stage 06 evaluate failed") as e:
+        run_pipeline(DEMO, cluster="local", overrides=overrides | {"S06_ARGS": bad["S06_ARGS"]}, log=lambda m: None)
+    assert "--no-such-flag" in e.value.tail
+    res = run_pipeline(DEMO, cluster="local", overrides=overrides)
+    assert res.cluster == "local"
+    assert {s.stage: s.status for s in res.stages} == {**{s: "skipped" for s in STAGES[:5]}, "06": "completed"}
+    assert len(res.stages[-1].job_ids) == 3                              # 2 array tasks + finalize
+    assert (Path(cfg["EVAL_DIR"]) / "metrics.json").is_file()
+    assert str(Path(cfg["EVAL_DIR"]) / "metrics.json") in res.reports()

@@ -27,6 +27,7 @@ the launcher again resumes it from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import shlex
@@ -116,7 +117,11 @@ def plan(cfg: PipelineConfig, start: str | None = None, until: str | None = None
     p = subprocess.run(cmd, env=cfg.environ(), cwd=ROOT, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip()}")
-    return [PlannedJob.parse(line) for line in p.stdout.splitlines() if line.startswith("stage=")]
+    jobs = [PlannedJob.parse(line) for line in p.stdout.splitlines() if line.startswith("stage=")]
+    for j in jobs:  # paths relative to the repo (where the stage scripts run) -> absolute
+        j.marker = str(ROOT / j.marker)
+        j.reports = [str(ROOT / r) for r in j.reports]
+    return jobs
 
 
 class StageCommand:
@@ -133,9 +138,16 @@ class StageCommand:
         env = {**os.environ, **self.config_env}
         t0 = time.time()
         print("+ " + shlex.join(argv), flush=True)
-        rc = subprocess.run(argv, env=env, cwd=ROOT).returncode
+        # the stage's stderr goes to this job's log as it comes; its last lines also go into the
+        # exception, which submitit hands back to the launcher
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True, errors="replace")
+        tail: collections.deque = collections.deque(maxlen=12)
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            tail.append(line)
+        rc = proc.wait()
         if rc != 0:
-            raise RuntimeError(f"{shlex.join(argv)} exited with status {rc}")
+            raise RuntimeError(f"{shlex.join(argv)} exited with status {rc}; its last lines:\n{''.join(tail)}")
         return {"argv": argv, "seconds": round(time.time() - t0, 1)}
 
 
@@ -196,14 +208,8 @@ def executor_parameters(job: PlannedJob) -> dict:
 
 
 def _fail(job: PlannedJob, sub_job, err: Exception) -> StageFailed:
-    log = str(getattr(sub_job.paths, "stdout", ""))
-    tail = ""
-    for path in (getattr(sub_job.paths, "stderr", None), getattr(sub_job.paths, "stdout", None)):
-        try:
-            tail += "".join(Path(path).read_text(errors="replace").splitlines(True)[-15:])
-        except (OSError, TypeError):
-            pass
-    return StageFailed(job.stage, job.name, str(sub_job.job_id), log, tail or str(err))
+    log = str(getattr(sub_job.paths, "stderr", ""))
+    return StageFailed(job.stage, job.name, str(sub_job.job_id), log, str(err))
 
 
 def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = None,
