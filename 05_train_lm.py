@@ -6,8 +6,8 @@ Writes  <out>/run_config.json, metrics.jsonl, curves.png, report.json,
         <out>/checkpoints/step_NNNNNN/ (keep-last-N), <out>/final/             (stage 06 reads final/)
 
 Examples:
-  python 05_train_lm.py --tokens data/tokens/3di --preset tiny --max-tokens 2048 --epochs 8 \
-      --lr 2e-3 --eval-every 10                    # laptop CPU, ~50 chains: about a minute
+  # laptop CPU, ~50 chains: about a minute
+  python 05_train_lm.py --tokens data/tokens/3di --preset tiny --max-tokens 2048 --epochs 8 --lr 2e-3
   torchrun --nproc-per-node 8 05_train_lm.py --preset tinyllama-1.1b --max-steps 20000
   srun --ntasks-per-node 4 --gpus-per-task 1 python 05_train_lm.py --preset small ...
   python 05_train_lm.py --preset tiny --set num_hidden_layers=6 --set hidden_size=320
