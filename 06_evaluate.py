@@ -29,7 +29,8 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    g.add_argument("--batch-size", type=int, default=64, help="proteins per generation batch (default 64)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="proteins per generation batch (default 64 on a GPU, 16 on a CPU)")
     g.add_argument("--max-batch-tokens", type=int, default=65536,
                    help="bound on proteins x longest length per batch, for GPU memory (default 65536)")
     g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: cuda when available)")

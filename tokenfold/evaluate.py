@@ -57,7 +57,7 @@ class EvalConfig:
     unconstrained: bool = True
     max_proteins: int | None = None      # only the first N examples of the split (quick looks)
     chunk_size: int = 512                # examples per work part (resume granularity)
-    batch_size: int = 64
+    batch_size: int | None = None        # proteins per batch (None: 64 on GPU, 16 on CPU)
     max_batch_tokens: int = 65536
     baseline_max_residues: int = 200_000
     window_baseline: bool | None = None  # None: for 3Di only
