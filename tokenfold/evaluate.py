@@ -33,7 +33,7 @@ import numpy as np
 
 from . import layout
 from .baselines import Baselines, train_examples
-from .generate import Sampling, generate, teacher_forced
+from .generate import Sampling, generate, set_cpu_threads, teacher_forced
 from .metrics import (DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, summarize,
                       trace_metrics)
 from .utils import atomic_path, die, log, my_units, progress, read_json, write_json_atomic, write_text_atomic
@@ -66,6 +66,7 @@ class EvalConfig:
     kanzi_checkpoint: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    threads: int | None = None           # torch CPU threads (None: `generate.set_cpu_threads` decides)
     seed: int = 0
 
     def fingerprint(self, ckpt: Path) -> dict:
@@ -286,6 +287,7 @@ class Evaluation:
         if self._model is None:
             self._model, vocab, _ = load_model(str(self.ckpt), self.device, self.cfg.dtype)
             check_same_vocab(self.vocab, vocab, str(self.ckpt))
+            set_cpu_threads(self._model, self.cfg.threads)
         return self._model
 
     def decoder(self):

@@ -100,6 +100,25 @@ def default_batch_size(device) -> int:
     return 64 if torch.device(device).type == "cuda" else 16
 
 
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def set_cpu_threads(model, requested: int | None = None) -> int:
+    """Torch CPU threads for decoding with `model`: `requested` if given; otherwise 1 for models under
+    20M parameters (a decoding step of such a model is many tiny ops, and OpenMP threads mostly add
+    synchronisation: tiny preset, 32 proteins, 2-core box shared with other jobs: 4.1 s on 1 thread,
+    92.7 s on 2), else torch's default (the 75M `small` preset: 35.1 s on 1 thread, 25.4 s on 2).
+    No effect on GPU models. Returns the thread count in use."""
+    if requested:
+        torch.set_num_threads(int(requested))
+    elif next(model.parameters()).device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
+        if torch.get_num_threads() != 1:
+            log.info("decoding a model of < %dM parameters on CPU: 1 torch thread (--threads to change)",
+                     SMALL_MODEL_PARAMS // 1_000_000)
+        torch.set_num_threads(1)
+    return torch.get_num_threads()
+
+
 def length_batches(lengths, max_batch: int = 64, max_tokens: int = 65536) -> list[np.ndarray]:
     """Index groups of similar length, longest first; each group has <= max_batch rows and
     rows x longest <= max_tokens (a single over-long protein still gets its own batch)."""

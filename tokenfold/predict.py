@@ -56,12 +56,14 @@ def max_residues(model, vocab) -> int:
 
 
 def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = "auto", dtype: str = "auto",
-            batch_size: int | None = None, max_batch_tokens: int = 65536, kanzi_checkpoint: str | None = None) -> dict:
+            batch_size: int | None = None, max_batch_tokens: int = 65536, kanzi_checkpoint: str | None = None,
+            threads: int | None = None) -> dict:
     from .evaluate import load_decoder, load_model, write_ca_pdb
-    from .generate import generate
+    from .generate import generate, set_cpu_threads
 
     out = Path(out)
     model, vocab, ckpt = load_model(checkpoint, device, dtype)
+    set_cpu_threads(model, threads)
     recs = read_fasta(fasta)
     if not recs:
         raise ValueError(f"{fasta}: no FASTA records")
@@ -115,19 +117,16 @@ def main(argv=None) -> int:
     g.add_argument("--batch-size", type=int, default=None, help="proteins per batch (default 64 on GPU, 16 on CPU)")
     g.add_argument("--max-batch-tokens", type=int, default=65536)
     g.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 20M parameters, else torch's choice)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument("--kanzi-checkpoint", default=None, help="Kanzi weights, to decode kanzi tokens")
     a = p.parse_args(argv)
     setup_logging(a.verbose)
-    if a.threads:
-        import torch
-
-        torch.set_num_threads(a.threads)
     try:
         s = Sampling(do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
         r = predict(a.checkpoint, a.fasta, a.out, s, a.device, a.dtype, a.batch_size, a.max_batch_tokens,
-                    a.kanzi_checkpoint)
+                    a.kanzi_checkpoint, a.threads)
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
     if r["n_predicted"] == 0:
