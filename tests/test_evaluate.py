@@ -253,3 +253,17 @@ def test_resume_and_array_tasks_equal_one_uninterrupted_run(geo_setup, small_db,
     assert e.value.code != 0
     assert evaluate_cli(*other, "--overwrite") == 0
     assert (cut / "predictions.fasta").read_text() != (ref / "predictions.fasta").read_text()
+
+
+def test_predict_geo_writes_ca_pdb_files(geo_setup, tmp_path):
+    from tokenfold.predict import main
+
+    _, _, ckpt = geo_setup
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">p1\nMKVLAAGIVLLK\n>p2/odd:name\nGSHMW\n")
+    assert main(["--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(tmp_path / "pred")]) == 0
+    text = (tmp_path / "pred" / "structure_tokens.fasta").read_text().split("\n")
+    assert text[0].startswith(">p1 kind=geo L=12") and len(text[1].split()) == 12
+    st = gemmi.read_structure(str(tmp_path / "pred" / "pdb" / "p2_odd_name.pdb"))
+    ca = [res[0] for res in st[0]["A"]]
+    assert [a.name for a in ca] == ["CA"] * 5 and gemmi.one_letter_code([r.name for r in st[0]["A"]]).upper() == "GSHMW"

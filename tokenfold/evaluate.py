@@ -170,12 +170,16 @@ def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg
                    base: Baselines | None, chunk_seed: int) -> dict:
     """Everything per protein for the token examples `idx` (all in DB shard `shard`)."""
     sh = db.shards[shard]
+    n_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     rows, skipped = [], []
     for i in idx:
         ids = np.asarray(ds[int(i)], dtype=np.int64)
         aa, codes = vocab.decode(ids)
         g, crop, n = int(ds.db_index[i]), int(ds.crop_start[i]), int(ds.n_res[i])
         pid = str(ds.ids[i])
+        if len(ids) > n_pos:
+            skipped.append((pid, f"{len(ids)} tokens, longer than the model's {n_pos} positions"))
+            continue
         if len(aa) != n or len(codes) != n:
             skipped.append((pid, f"token example has {len(aa)} residues / {len(codes)} tokens, index says {n}"))
             continue

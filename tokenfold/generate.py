@@ -25,6 +25,7 @@ and whether it had exactly L structure tokens.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -153,12 +154,15 @@ def _new_cache(model, max_len: int):
         from transformers.cache_utils import Cache
 
         n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        return Cache(layers=[_PreallocatedLayer(max_len) for _ in range(n_layers)])
+        layer = _preallocated_layer_class()
+        return Cache(layers=[layer(max_len) for _ in range(n_layers)])
     except (ImportError, TypeError, AttributeError):
         return DynamicCache(config=model.config)
 
 
+@functools.lru_cache(maxsize=None)
 def _preallocated_layer_class():
+    """Defined on first use: its base class lives in transformers (imported lazily)."""
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -193,16 +197,6 @@ def _preallocated_layer_class():
             return self.n if self.is_initialized else 0
 
     return PreallocatedLayer
-
-
-def _PreallocatedLayer(max_len: int):  # noqa: N802 - a class factory (the base class lives in transformers)
-    global _PREALLOCATED
-    if _PREALLOCATED is None:
-        _PREALLOCATED = _preallocated_layer_class()
-    return _PREALLOCATED(max_len)
-
-
-_PREALLOCATED = None
 
 
 def _unconstrained_budget(L: int) -> int:
