@@ -160,9 +160,9 @@ tf_stage_reports() {
     01) echo "$DB_DIR/report.json $DB_DIR/report.png" ;;
     02) echo "$EMB_DIR/report.json $EMB_DIR/report.png" ;;
     03) echo "$CODEBOOK_DIR/summary_K$CODEBOOK_K.json $CODEBOOK_DIR/clustering_visualization.png $CODEBOOK_DIR/cluster_sizes_K$CODEBOOK_K.png" ;;
-    04) echo "$TOKENS_DIR/report.json" ;;
+    04) echo "$TOKENS_DIR/report.json $TOKENS_DIR/token_frequency.png $TOKENS_DIR/lengths.png" ;;
     05) echo "$RUN_DIR/report.json $RUN_DIR/metrics.jsonl $RUN_DIR/curves.png" ;;
-    06) echo "$EVAL_DIR/metrics.json $EVAL_DIR/per_protein.tsv" ;;
+    06) echo "$EVAL_DIR/metrics.json $EVAL_DIR/per_protein.tsv $EVAL_DIR/accuracy_vs_length.png" ;;
   esac
 }
 

@@ -44,8 +44,10 @@ while [ $# -gt 0 ]; do
 done
 
 # find slurm/lib.sh: beside this script when run with bash, else (as a batch job, which SLURM runs
-# from a copy) in $TOKENFOLD_ROOT or the directory sbatch was called from
-for TF_ROOT in "${TOKENFOLD_ROOT:-}" "$(dirname "$0")/.." "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
+# from a copy) in $TOKENFOLD_ROOT, the directory sbatch was called from, or where the submitted
+# script lives (scontrol's Command=)
+for TF_ROOT in "${TOKENFOLD_ROOT:-}" "$(dirname "$0")/.." "${SLURM_SUBMIT_DIR:-}" "$PWD" \
+  ${SLURM_JOB_ID:+"$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's|^ *Command=\([^ ]*\)/slurm/[^/ ]*.*|\1|p')"}; do
   [ -f "$TF_ROOT/slurm/lib.sh" ] && break
 done
 # shellcheck source=slurm/lib.sh

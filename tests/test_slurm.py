@@ -26,7 +26,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NOD
             "DEADLINE"}
 # the SLURM run tokenizes with the stage-03 codebook (esm kind), so that the 02 -> 03 -> 04 contract
 # is exercised too; the local test in test_pipeline.py runs the demo's own kind
-SLURM_FAST = {**FAST, "TOKEN_KIND": "geo"}
+SLURM_FAST = {**FAST, "TOKEN_KIND": "esm"}
 JOB_TIMEOUT = 900
 
 
