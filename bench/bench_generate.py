@@ -75,12 +75,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on GPU, 16 on CPU")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for both sides (default: as stage 06, `generate.set_cpu_threads`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if a.device == "auto" else a.device))
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
@@ -97,6 +96,9 @@ def main(argv=None) -> int:
                  else Vocab.for_kind("geo", n_struct=514, interleaved=a.interleaved))
         model = build_model(build_config(a.preset, vocab), pick_attention(device), seed=a.seed).to(device, dtype).eval()
         what = f"RANDOMLY INITIALISED '{a.preset}' preset (speed only)"
+    from tokenfold.generate import set_cpu_threads
+
+    set_cpu_threads(model, a.threads)
     seqs, source = load_sequences(a.n, a.min_length, a.max_length, a.seed)
     n_res = sum(len(s) for s in seqs)
     print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {vocab.kind} "
