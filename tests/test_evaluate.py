@@ -95,7 +95,7 @@ def trained_3di(small_db, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("eval3di")
     tok = subset_tokens(tokenize(small_db, root / "tokens_all", "3di"), root / "tokens", n=6)
-    res = train(TrainConfig(tokens=str(tok), out=str(root / "run"), preset="tiny", max_steps=40, lr=3e-3,
+    res = train(TrainConfig(tokens=str(tok), out=str(root / "run"), preset="tiny", max_steps=50, lr=3e-3,
                             warmup_steps=5, weight_decay=0.0, max_tokens=4096, eval_every=0, log_every=20,
                             save_every=0, threads=1))
     assert res.exit_code == 0 and res.final_dir is not None
