@@ -24,7 +24,8 @@
 #   --plan          print each stage's status and resources; run nothing
 #   --from NN       redo stage NN and everything after it, even if complete (passes --overwrite)
 #   --until NN      stop after stage NN
-#   --wait          (SLURM) wait until the submitted jobs end, print their states, exit 1 if one failed
+#   --wait          (SLURM, with bash on a login node) wait until the submitted jobs end, print
+#                   their states, exit 1 if one of them did not complete
 set -euo pipefail
 
 usage() { sed -n '/^# slurm\/run_pipeline.sh/,/^set -euo/p' "${TOKENFOLD_ROOT:-.}/slurm/run_pipeline.sh" 2>/dev/null | sed '$d;s/^# \{0,1\}//' || true; }
@@ -144,6 +145,9 @@ if [ $MODE = local ]; then
 fi
 
 # ----------------------------------------------------------------------------- SLURM: submit the chain
+if [ $WAIT = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+  tf_die "--wait inside a job would hold this job's CPUs while the stages wait for them; use it with bash on a login node"
+fi
 # As a driver job our own SLURM_* variables would leak into every stage job (--export=ALL): drop them.
 for v in "${!SLURM_@}"; do case $v in SLURM_CONF) ;; *) unset "$v" ;; esac; done
 
