@@ -174,6 +174,7 @@ def local_run(tmp_path_factory):
     return {"data": data, "env": env, "proc": p}
 
 
+@pytest.mark.slow
 def test_local_chain_runs_every_stage_and_lists_the_reports(local_run):
     p, data, env = local_run["proc"], local_run["data"], local_run["env"]
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -208,6 +209,7 @@ def shadow_path_without(tmp_path: Path, names: set[str]) -> str:
     return f"{Path(sys.executable).parent}:{shadow}"
 
 
+@pytest.mark.slow
 def test_without_sbatch_the_chain_runs_locally_and_skips_complete_stages(local_run, tmp_path):
     env = dict(local_run["env"], PATH=shadow_path_without(tmp_path, {"sbatch", "srun", "squeue"}))
     p = subprocess.run(["bash", str(PIPELINE), "--config", str(DEMO)], cwd=ROOT, env=env,
@@ -218,6 +220,7 @@ def test_without_sbatch_the_chain_runs_locally_and_skips_complete_stages(local_r
         assert re.search(rf"stage {s} \S+: complete .* skipped", p.stderr), p.stderr
 
 
+@pytest.mark.slow
 def test_train_script_passes_the_requeue_status_through_locally(local_run):
     """Outside SLURM, 05's batch script returns 05's 'saved, run again' status (124), and running
     it again resumes the run to the end."""
@@ -233,6 +236,7 @@ def test_train_script_passes_the_requeue_status_through_locally(local_run):
     assert (run_dir / "final").is_dir()
 
 
+@pytest.mark.slow
 def test_local_failure_stops_the_chain_and_the_launcher_resumes_it(local_run):
     """A stage that fails locally stops the chain with its log named; the submitit launcher (local
     processes) then resumes from that stage, as a 2-task array + finalize; a failing stage raises."""

@@ -21,7 +21,7 @@ from test_pipeline import DEMO, FAST, PIPELINE, ROOT, STAGES, clean_env
 from tokenfold.config import load_config
 from tokenfold.launcher import plan, run_pipeline
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
 # the SLURM run tokenizes with the stage-03 codebook (esm kind), so that the 02 -> 03 -> 04 contract
@@ -216,6 +216,7 @@ def test_launcher_submits_stages_with_submitit(slurm_run):
     assert status == {**{s: "skipped" for s in STAGES[:5]}, "06": "completed"}
     ids = res.stages[-1].job_ids
     assert len(ids) == 3 and ids[0].endswith("_0") and ids[1].endswith("_1"), ids   # array + finalize
-    rows = sacct([i.split("_")[0] for i in ids])
-    assert rows and all(r["state"] == "COMPLETED" for r in rows), rows
+    # submitit has the result once the job wrote it; SLURM records the end a moment later
+    rows = wait_for(sorted({i.split("_")[0] for i in ids}), timeout=120)
+    assert len(rows) == 3 and all(r["state"] == "COMPLETED" for r in rows), rows
     assert any(r.endswith("metrics.json") for r in res.reports())
