@@ -180,12 +180,13 @@ def test_failed_stage_cancels_dependants_and_rerun_resumes(slurm_run):
 
 def test_training_requeues_itself_after_usr1_and_resumes(slurm_run):
     """SLURM's warning signal (--signal=B:USR1@secs, here sent by hand): stage 05 saves, exits 124,
-    its batch script requeues the job, and the requeued job resumes from the checkpoint."""
+    its batch script requeues the job, and the requeued job resumes from the checkpoint. Two tasks:
+    DDP over gloo started by srun, which passes the signal on to both ranks."""
     data = slurm_run["data"]
     run_dir = data / "runs" / "requeue"
     env = dict(slurm_run["env"], RUN_DIR=str(run_dir),
-               S05_ARGS="--max-steps 8 --max-tokens 1024 --eval-every 0 --save-every 1000 --log-every 1")
-    p = _run(["sbatch", "--parsable", f"--output={data}/requeue-%j.out", "--open-mode=append",
+               S05_ARGS="--max-steps 20 --max-tokens 1024 --eval-every 0 --save-every 1000 --log-every 1")
+    p = _run(["sbatch", "--parsable", f"--output={data}/requeue-%j.out", "--ntasks=2", "--cpus-per-task=1",
               str(ROOT / "slurm" / "05_train_lm.sbatch")], cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr
     jid = p.stdout.strip()
@@ -202,8 +203,9 @@ def test_training_requeues_itself_after_usr1_and_resumes(slurm_run):
     assert states[0] == "REQUEUED" and states[-1] == "COMPLETED", states
     assert "got SIGUSR1" in log and f"requeueing job {jid}" in log, log
     assert "stage 05 (restart 1)" in log and re.search(r"resumed from .*step_0*\d+", log), log
+    assert "srun" in log and "rank 1/2" in log and log.count("received SIGUSR1") == 2, log
     assert (run_dir / "final").is_dir()
-    assert max(r["step"] for r in read_jsonl(metrics) if r["split"] == "train") == 8
+    assert max(r["step"] for r in read_jsonl(metrics) if r["split"] == "train") == 20
 
 
 def test_launcher_submits_stages_with_submitit(slurm_run):
