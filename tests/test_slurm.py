@@ -187,7 +187,8 @@ def test_training_requeues_itself_after_usr1_and_resumes(slurm_run):
     env = dict(slurm_run["env"], RUN_DIR=str(run_dir),
                S05_ARGS="--max-steps 20 --max-tokens 1024 --eval-every 0 --save-every 1000 --log-every 1")
     p = _run(["sbatch", "--parsable", f"--output={data}/requeue-%j.out", "--ntasks=2", "--cpus-per-task=1",
-              str(ROOT / "slurm" / "05_train_lm.sbatch")], cwd=ROOT, env=env)
+              # --overwrite, as run_pipeline.sh --from passes it: the requeued job must resume, not restart
+              str(ROOT / "slurm" / "05_train_lm.sbatch"), "--overwrite"], cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr
     jid = p.stdout.strip()
     metrics = run_dir / "metrics.jsonl"
