@@ -2,8 +2,10 @@
 #
 #   tf_init                   find the repo, cd there, read the pipeline config, pick the Python
 #   tf_load_config FILE       read a config file (format: tokenfold/config.py; the environment wins)
-#   tf_python SCRIPT ARGS...  run a stage script with the configured Python (srun when ntasks > 1)
+#   tf_cmd / tf_python        a stage's command line / run it (srun when a job has several tasks)
+#   tf_words VAR              split a *_ARGS value into words, quotes respected
 #   TF_STAGES / tf_stage_*    the stage table: script, sharded or not, "complete" test, reports
+#   tf_stage_resources NN     a stage's CPUs, memory, time, GPUs, partition from S<NN>_* values
 #
 # Nothing here submits jobs; run_pipeline.sh does that.
 
@@ -13,11 +15,12 @@ tf_die() { printf '[tokenfold] error: %s\n' "$*" >&2; exit 1; }
 # ----------------------------------------------------------------------------- the repo root
 # This file's own path is reliable (it is sourced from the checkout); a batch script's is not (SLURM
 # runs a copy from its spool directory), so the sbatch scripts look for lib.sh in $TOKENFOLD_ROOT,
-# beside themselves, then in the directory sbatch was called from.
+# beside themselves, in the directory sbatch was called from, then where scontrol says the
+# submitted script lives.
 tf_find_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); }
 
 # ----------------------------------------------------------------------------- config files
-# Same rules as tokenfold/config.py (tests/test_slurm.py checks both agree): KEY=value lines,
+# Same rules as tokenfold/config.py (tests/test_pipeline.py checks both agree): KEY=value lines,
 # '#' comments, "double" quotes expand ${NAME}/$NAME, 'single' quotes are literal, a KEY already in
 # the environment keeps its value. Every key is exported; TF_CONFIG_KEYS lists them in file order.
 tf_load_config() {

@@ -12,8 +12,8 @@
 #                                            when sbatch is not on PATH)
 #
 # On SLURM each stage is one job, chained with --dependency=afterok and --kill-on-invalid-dep=yes
-# (a failed stage cancels everything after it). Sharded stages (01, 02, 04) are arrays of
-# S<NN>_ARRAY tasks followed by a finalize job. Stages whose final artifact already exists are
+# (a failed stage cancels everything after it). Sharded stages (01, 02, 04, 06) with S<NN>_ARRAY > 1
+# are arrays of that many tasks followed by a finalize job. Stages whose final artifact already exists are
 # skipped, so re-running after a failure resubmits only what is unfinished. Stage 05 requeues itself
 # after a preemption or time-limit signal (see slurm/05_train_lm.sbatch).
 #
@@ -28,7 +28,7 @@
 #                   their states, exit 1 if one of them did not complete
 set -euo pipefail
 
-usage() { sed -n '/^# slurm\/run_pipeline.sh/,/^set -euo/p' "${TOKENFOLD_ROOT:-.}/slurm/run_pipeline.sh" 2>/dev/null | sed '$d;s/^# \{0,1\}//' || true; }
+usage() { sed -n '/^# slurm\/run_pipeline.sh/,/^set -euo/p' "$0" | sed '$d;s/^# \{0,1\}//'; }
 LOCAL=0; PLAN=0; WAIT=0; FROM=""; UNTIL=""
 while [ $# -gt 0 ]; do
   case $1 in
@@ -124,8 +124,13 @@ if [ $MODE = local ]; then
     # unsharded here: one task does all the work and finalizes (what --num-shards 1 means)
     # shellcheck disable=SC2046
     if ! bash "$(tf_stage_script "$s")" $(stage_extra_args "$s") 2>&1 | tee "$log"; then
-      tf_log "stage $s $name FAILED after $(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.0f", b-a}')s; see $log"
-      tf_log "fix it and re-run the same command: complete stages are skipped"
+      rc=${PIPESTATUS[0]}
+      if [ "$rc" = 124 ]; then   # 05 stopped by a signal after saving a checkpoint
+        tf_log "stage $s $name stopped after saving a checkpoint; re-run the same command to resume"
+      else
+        tf_log "stage $s $name FAILED (status $rc) after $(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.0f", b-a}')s; see $log"
+        tf_log "fix it and re-run the same command: complete stages are skipped"
+      fi
       exit 1
     fi
     dt=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
