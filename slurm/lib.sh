@@ -163,9 +163,14 @@ tf_stage_reports() {
     01) echo "$DB_DIR/report.json $DB_DIR/report.png" ;;
     02) echo "$EMB_DIR/report.json $EMB_DIR/report.png" ;;
     03) echo "$CODEBOOK_DIR/summary_K$CODEBOOK_K.json $CODEBOOK_DIR/clustering_visualization.png $CODEBOOK_DIR/cluster_sizes_K$CODEBOOK_K.png" ;;
-    04) echo "$TOKENS_DIR/report.json $TOKENS_DIR/token_frequency.png $TOKENS_DIR/lengths.png" ;;
+    04) echo "$TOKENS_DIR/report.json $TOKENS_DIR/token_frequency.png $TOKENS_DIR/lengths.png" \
+          "$([ "$TOKEN_KIND" = geo ] && echo "$TOKENS_DIR/geo_rmsd_hist.png $TOKENS_DIR/geo_rmsd_vs_length.png")" ;;
     05) echo "$RUN_DIR/report.json $RUN_DIR/metrics.jsonl $RUN_DIR/curves.png" ;;
-    06) echo "$EVAL_DIR/metrics.json $EVAL_DIR/per_protein.tsv $EVAL_DIR/accuracy_vs_length.png" ;;
+    06) echo "$EVAL_DIR/metrics.json $EVAL_DIR/per_protein.tsv $EVAL_DIR/accuracy_vs_length.png" \
+          "$(case $TOKEN_KIND in
+               3di) echo "$EVAL_DIR/confusion_3di.png" ;;
+               geo|kanzi) echo "$EVAL_DIR/rmsd_tm_vs_length.png $EVAL_DIR/rmsd_tm_hist.png $EVAL_DIR/ca_traces_3d.png $EVAL_DIR/pdb/" ;;
+             esac)" ;;
   esac
 }
 
