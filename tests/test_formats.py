@@ -82,3 +82,18 @@ def test_token_shards_roundtrip(tmp_path):
         assert ds[i].tolist() == e.tolist()
     assert ds.db_index.tolist() == [5, 9, 11] and ds.crop_start.tolist() == [0, 4, 0]
     assert ds.n_tokens == sum(len(e) for e in [ex[0], ex[1], ex[1]])
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    """mkstemp's private 0600 must not leak into artifacts that a cluster group shares."""
+    import os
+
+    from tokenfold.utils import write_text_atomic
+
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]     # no temp file left behind
