@@ -41,7 +41,7 @@ SHARED_FASTA = ROOT.parent / "shared" / "data" / "foldseek_db" / "shared_aa.fast
 def load_sequences(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], str]:
     seqs, source = [], ""
     if SHARED_FASTA.exists():
-        from tokenfold.predict import read_fasta
+        from tokenfold.utils import read_fasta
 
         seqs = [s for _, s in read_fasta(SHARED_FASTA)]
         source = str(SHARED_FASTA)

@@ -45,6 +45,7 @@ from tokenfold.data import TrainStream, collate, layout_for  # noqa: E402
 from tokenfold.model import build_config, build_model, flops_per_token, pick_attention  # noqa: E402
 from tokenfold.shards import TokenDataset, TokenShardWriter  # noqa: E402
 from tokenfold.train import make_optimizer, TrainConfig, token_stats  # noqa: E402
+from tokenfold.utils import read_fasta  # noqa: E402
 from tokenfold.vocab import IGNORE_INDEX, PAD, Vocab  # noqa: E402
 
 REF_LEN = 1024
@@ -62,18 +63,7 @@ def source_examples(tokens: str | None) -> tuple[Vocab, list[tuple[str, np.ndarr
     if not db.exists():
         raise SystemExit(f"error: no --tokens given and {db} is absent")
 
-    def read(p):
-        out, name = {}, None
-        for line in open(p):
-            line = line.strip()
-            if line.startswith(">"):
-                name = line[1:].split()[0]
-                out[name] = []
-            elif line:
-                out[name].append(line)
-        return {k: "".join(v) for k, v in out.items()}
-
-    aa, ss = read(db / "shared_aa.fasta"), read(db / "shared_3di.fasta")
+    aa, ss = dict(read_fasta(db / "shared_aa.fasta")), dict(read_fasta(db / "shared_3di.fasta"))
     vocab = Vocab.for_kind("3di")
     names = sorted(k for k in aa if k in ss and len(aa[k]) == len(ss[k]))
     return vocab, [(k, vocab.encode(aa[k], vocab.threedi_codes(ss[k]))) for k in names]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tokenfold import utils
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOKENFOLD_SHARED", ROOT.parent / "shared")) / "data"
 IN_CI = os.environ.get("TOKENFOLD_CI") == "1"
@@ -24,19 +26,7 @@ def foldseek_chains(min_len: int = 1, max_len: int = 10**9) -> list[tuple[str, s
     """(id, amino acids, 3Di) of the real chains in ../shared/data/foldseek_db (Foldseek's own FASTA
     dumps), in file order, unique sequences, min_len <= length <= max_len. Skips when absent."""
     db = need_shared("foldseek_db")
-
-    def read(path):
-        out, name = {}, None
-        for line in open(path):
-            line = line.strip()
-            if line.startswith(">"):
-                name = line[1:].split()[0]
-                out[name] = []
-            elif line:
-                out[name].append(line)
-        return {k: "".join(v) for k, v in out.items()}
-
-    aa, ss = read(db / "shared_aa.fasta"), read(db / "shared_3di.fasta")
+    aa, ss = read_fasta(db / "shared_aa.fasta"), read_fasta(db / "shared_3di.fasta")
     seen, chains = set(), []
     for name, seq in aa.items():
         if name in ss and len(ss[name]) == len(seq) and min_len <= len(seq) <= max_len and seq not in seen:
@@ -95,15 +85,7 @@ def small_db(tmp_path_factory) -> Path:
 
 def read_fasta(path) -> dict[str, str]:
     """{first word of header: sequence} of a FASTA file."""
-    out, name = {}, None
-    for line in open(path):
-        line = line.strip()
-        if line.startswith(">"):
-            name = line[1:].split()[0]
-            out[name] = []
-        elif line and name is not None:
-            out[name].append(line)
-    return {k: "".join(v) for k, v in out.items()}
+    return dict(utils.read_fasta(path))
 
 
 @pytest.fixture(scope="session")
@@ -118,3 +100,14 @@ def shared_structures_db(tmp_path_factory) -> Path:
         PrepareOptions(min_length=4, max_unknown=1.0, min_plddt=0, items_per_shard=400),
         SplitOptions(seed=0, mmseqs_mode="linclust", threads=2), workers=2)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models are all small ops: one torch thread avoids OpenMP spin contention on a busy 2-core box."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

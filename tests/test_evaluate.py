@@ -25,12 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAX_LEN = 64  # stage-04 crop: most small-DB chains are longer, so cropped examples are the rule here
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def evaluate_cli(*args) -> int:

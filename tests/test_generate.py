@@ -12,13 +12,7 @@ from tokenfold.generate import Sampling, generate, length_batches, reference_gen
 from tokenfold.vocab import AA_LETTERS, EOS, Vocab
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Decoding a tiny model is all small ops: one thread avoids OpenMP spin contention on a busy CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_llama(vocab: Vocab, seed: int = 0, **kw):
