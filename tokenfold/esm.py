@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layout
-from .utils import atomic_path, read_json, write_json_atomic
+from .utils import atomic_path, my_units, read_json, write_json_atomic
 
 log = logging.getLogger("tokenfold.esm")
 
@@ -819,7 +819,7 @@ def run_extract(cfg: ExtractConfig, num_tasks: int = 1, task_index: int = 0) -> 
     elif _check_existing(cfg, mode):
         log.info("%s is complete (manifest.json exists); nothing to do (use --overwrite to redo)", cfg.out)
         return []
-    units = _my_units(len(db.shards), num_tasks, task_index)
+    units = my_units(len(db.shards), num_tasks, task_index)
     if mode == "full":
         pending = [k for k in units if not (cfg.out / shard_file(k)).exists()]
     else:
@@ -862,14 +862,9 @@ def run_extract(cfg: ExtractConfig, num_tasks: int = 1, task_index: int = 0) -> 
     return reports
 
 
-def _my_units(n: int, num_tasks: int, task_index: int) -> list[int]:
-    from .utils import my_units
-    return my_units(n, num_tasks, task_index)
-
-
 def _clear_outputs(cfg: ExtractConfig, db, num_tasks: int, task_index: int) -> None:
     """--overwrite: remove this task's shard outputs, their work files, and the manifest/report."""
-    for k in _my_units(len(db.shards), num_tasks, task_index):
+    for k in my_units(len(db.shards), num_tasks, task_index):
         for p in (cfg.out / shard_file(k), _work(cfg.out) / f"sample_{k:05d}.npz",
                   _work(cfg.out) / f"shard_{k:05d}.json"):
             p.unlink(missing_ok=True)

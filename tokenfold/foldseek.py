@@ -357,7 +357,6 @@ def _decode_ca_part(data: np.ndarray, path, rows: np.ndarray, L: np.ndarray) -> 
                 continue
             view = data[parity: parity + (len(data) - parity) // 2 * 2].view("<i2")
             Le = L[e]
-            Re = int(Le.sum())
             whole = len(e) == len(L)  # every entry: destination rows are simply 0..R-1
             dest = slice(None) if whole else _ragged_arange(first[e], Le)
             loc_first = np.concatenate([[0], np.cumsum(Le)[:-1]]).astype(np.int64)

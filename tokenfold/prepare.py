@@ -41,7 +41,7 @@ import numpy as np
 
 from . import structure as S
 from .db import EXCLUDED, FORMAT, SPLITS, VERSION, ProteinRecord, write_shard_arrays
-from .utils import atomic_path, progress, read_json, write_json_atomic, write_text_atomic
+from .utils import atomic_path, my_units, progress, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tokenfold.prepare")
 
@@ -617,7 +617,7 @@ def run(inputs: Inputs, out: str | os.PathLike, opts: PrepareOptions | None = No
     if plan.n_items == 0:
         raise PlanMismatch("no input items: the given inputs hold no files or entries")
     manifest = out / "manifest.json"
-    mine = list(range(plan.n_shards)) if finalize_only else _my_shards(plan.n_shards, num_tasks, task_index)
+    mine = list(range(plan.n_shards)) if finalize_only else my_units(plan.n_shards, num_tasks, task_index)
     if overwrite and not finalize_only:
         _remove_outputs(out, None if num_tasks == 1 else mine)
     if manifest.exists():
@@ -664,12 +664,6 @@ def run(inputs: Inputs, out: str | os.PathLike, opts: PrepareOptions | None = No
         return {"status": "finalized", "n_entries": man["n_entries"], "shards_built": built}
     log.info("task %d/%d done; run with --finalize once every array task has finished", task_index, num_tasks)
     return {"status": "shards", "shards_built": built}
-
-
-def _my_shards(n_shards: int, num_tasks: int, task_index: int) -> list[int]:
-    from .utils import my_units
-
-    return my_units(n_shards, num_tasks, task_index)
 
 
 # ----------------------------------------------------------------------------- finalize
