@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bucket-window", type=int, default=d.bucket_window,
                    help="examples length-sorted together (default: %(default)s)")
     b.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per rank per step")
+    b.add_argument("--struct-input-noise", type=float, default=d.struct_input_noise, metavar="P",
+                   help="replace each structure token fed to the model by a random one with probability P "
+                        "(labels stay true; trades teacher-forced for free-running accuracy, see tokenfold/data.py; "
+                        "default: %(default)s)")
 
     o = p.add_argument_group("optimisation")
     o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs epochs)")
@@ -99,6 +103,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
         tokens=a.tokens, out=a.out or str(default_out(a.tokens, a.preset)), preset=a.preset,
         model_overrides=parse_overrides(a.overrides), attn=a.attn, batch_layout=a.batch_layout,
         max_tokens=a.max_tokens, max_len=a.max_len, bucket_window=a.bucket_window, grad_accum=a.grad_accum,
+        struct_input_noise=a.struct_input_noise,
         max_steps=a.max_steps, epochs=a.epochs, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
         warmup_steps=a.warmup_steps, weight_decay=a.weight_decay, beta1=a.beta1, beta2=a.beta2,
         grad_clip=a.grad_clip, precision=a.precision, grad_checkpointing=a.grad_checkpointing,

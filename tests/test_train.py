@@ -46,10 +46,11 @@ def test_plan_is_seeded_complete_and_bucketed():
     assert all(lengths[b].sum() <= 8192 for b in p) and padding_fraction(p, lengths, "packed") == 0.0
 
 
-def test_stream_splits_steps_over_ranks(tmp_path):
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_stream_splits_steps_over_ranks(tmp_path, noise):
     tok = write_threedi_tokens(tmp_path / "tok", {"train": foldseek_chains(30, 120)[:24]})
     ds, v = TokenDataset(tok, "train"), Vocab.load(tok)
-    kw = dict(max_tokens=700, max_len=1024, layout="padded", seed=3)
+    kw = dict(max_tokens=700, max_len=1024, layout="padded", seed=3, input_noise=noise)
     one = TrainStream(ds, v, grad_accum=2, **kw)
     two = [TrainStream(ds, v, grad_accum=1, world_size=2, rank=r, **kw) for r in range(2)]
     assert one.steps_per_epoch() == two[0].steps_per_epoch() >= 3
@@ -58,6 +59,32 @@ def test_stream_splits_steps_over_ranks(tmp_path):
         b = [s.next_step()[0] for s in two]
         assert [x.input_ids.tolist() for x in a] == [x.input_ids.tolist() for x in b]
     assert one.state() == two[0].state() and one.state()["epoch"] == 1
+
+
+def test_structure_input_noise_corrupts_only_structure_inputs(tmp_path):
+    tok = write_threedi_tokens(tmp_path / "tok", {"train": foldseek_chains(30, 300)[:40]})
+    ds, v = TokenDataset(tok, "train"), Vocab.load(tok)
+    kw = dict(max_tokens=2000, max_len=1024, layout="padded", seed=5)
+    clean, noisy = TrainStream(ds, v, **kw), TrainStream(ds, v, input_noise=0.4, **kw)
+    changed = n_struct = 0
+    for _ in range(clean.steps_per_epoch()):
+        (a,), (b,) = clean.next_step(), noisy.next_step()
+        assert torch.equal(a.labels, b.labels)                          # targets stay the true tokens
+        diff = a.input_ids != b.input_ids
+        assert v.is_struct(a.input_ids.numpy())[diff.numpy()].all()     # amino acids, specials untouched
+        assert v.is_struct(b.input_ids.numpy()).sum() == v.is_struct(a.input_ids.numpy()).sum()
+        changed += int(diff.sum())
+        n_struct += int(v.is_struct(a.input_ids.numpy()).sum())
+    # a replacement may draw the same token (1 in 20 for 3Di): expected changed fraction 0.4 * 19/20
+    assert n_struct > 2000 and abs(changed / n_struct - 0.38) < 0.03
+    # seeded by the data position: a stream restored from a saved position makes the same batches
+    noisy2 = TrainStream(ds, v, input_noise=0.4, **kw)
+    pos = noisy.state()
+    x = noisy.next_step()[0].input_ids
+    noisy2.load_state(pos)
+    assert torch.equal(noisy2.next_step()[0].input_ids, x)
+    with pytest.raises(ValueError, match="noise"):
+        TrainStream(ds, v, input_noise=1.0, **kw)
 
 
 def test_stream_skips_examples_without_a_target(tmp_path):

@@ -84,6 +84,7 @@ class TrainConfig:
     max_tokens: int = 16384             # tokens per micro-batch per rank, padding included
     max_len: int = 2048                 # longer examples are truncated
     bucket_window: int = 4096           # examples sorted together when bucketing
+    struct_input_noise: float = 0.0     # fraction of input structure tokens replaced at random (data.py)
     grad_accum: int = 1
     max_steps: int | None = None        # total optimizer steps (default: `epochs` epochs)
     epochs: float | None = None
@@ -228,6 +229,8 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
 def _compat_fingerprint(cfg: TrainConfig, total_steps: int, layout_name: str, world: int) -> dict:
     """The settings a resumed run must share with the checkpointed one."""
     d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MUTABLE}
+    if not d.get("struct_input_noise"):
+        d.pop("struct_input_noise", None)  # runs from before the option existed still resume
     d.update(total_steps=total_steps, batch_layout=layout_name, microbatches_per_step=cfg.grad_accum * world)
     d.pop("max_steps", None)
     d.pop("epochs", None)
@@ -285,7 +288,8 @@ class Trainer:
         # data and schedule length
         self.stream = TrainStream(self.train_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
                                   layout=self.layout, seed=cfg.seed, grad_accum=cfg.grad_accum,
-                                  world_size=dist.world_size, rank=dist.rank, window=cfg.bucket_window)
+                                  world_size=dist.world_size, rank=dist.rank, window=cfg.bucket_window,
+                                  input_noise=cfg.struct_input_noise)
         self.steps_per_epoch = self.stream.steps_per_epoch(0)
         self.total_steps = int(cfg.max_steps) if cfg.max_steps else \
             max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
