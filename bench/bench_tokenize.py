@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
-from tokenfold.geotokens import GeoCodebook, open_loop_codes, reconstruction_rmsd, segment_rmsd  # noqa: E402
+from tokenfold.geotokens import GeoCodebook, open_loop_codes, reconstruction_rmsd, segment_starts  # noqa: E402
+from tokenfold.metrics import segment_rmsd  # noqa: E402
 from tokenfold.structure import encode_3di, parse_structure_file  # noqa: E402
 from tokenfold.utils import write_json_atomic  # noqa: E402
 
@@ -187,7 +188,7 @@ def main():
           "breaks superposed on its own):")
     r1 = reconstruction_rmsd(cb, cas, gaps)
     r4 = reconstruction_rmsd(cb, cas, gaps, beam=4)
-    ro = np.array([segment_rmsd(cb.decode(open_loop_codes(cb, x, g)), x) for x, g in zip(cas, gaps)])
+    ro = np.array([segment_rmsd(cb.decode(open_loop_codes(cb, x, g)), x, segment_starts(x, g)) for x, g in zip(cas, gaps)])
     for name, r in (("closed loop, greedy (default)", r1), ("closed loop, beam 4", r4), ("open loop (no feedback)", ro)):
         d = dist(r)
         res.setdefault("geo_rmsd", {})[name] = {**d, "by_length": by_length(L, r)}

@@ -15,7 +15,6 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pytest
-import torch
 
 from tokenfold.db import ProteinDB
 from tokenfold.shards import TokenDataset, TokenShardWriter

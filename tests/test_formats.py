@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tokenfold.db import DBShard, ProteinDB, ProteinRecord, write_shard
+from tokenfold.db import ProteinDB, ProteinRecord, write_shard
 from tokenfold.shards import TokenDataset, TokenShardWriter, shard_done
 from tokenfold.utils import write_json_atomic
 from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab

@@ -1,6 +1,5 @@
 """PDB/mmCIF parsing, Foldseek's residue rules and 3Di (tokenfold/structure.py)."""
 import gzip
-import shutil
 
 import numpy as np
 import pytest

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tokenfold.db import ProteinDB, ProteinRecord, write_shard
-from tokenfold.geotokens import GeoCodebook, segment_starts, segment_rmsd
+from tokenfold.geotokens import GeoCodebook, segment_starts
+from tokenfold.metrics import segment_rmsd
 from tokenfold.shards import TokenDataset
 from tokenfold.tokenize import TokenizeConfig, crop_window, ensure_geo_codebook, finalize, run
 from tokenfold.utils import write_json_atomic

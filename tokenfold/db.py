@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .utils import atomic_path, read_json
+from .utils import atomic_path, read_manifest
 
 FORMAT = "tokenfold-db"
 VERSION = 1
@@ -246,12 +246,7 @@ class ProteinDB:
 
     def __init__(self, path: str | os.PathLike = "data/db"):
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise FileNotFoundError(f"{self.path}: no manifest.json (stage 01 not finished: run its finalize step)")
-        self.manifest = read_json(mpath)
-        if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: not a {FORMAT} manifest")
+        self.manifest = read_manifest(self.path, FORMAT, "stage 01")
         counts = [s["n_entries"] for s in self.manifest["shards"]]
         self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.n_total = int(self.shard_starts[-1])

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from . import layout
-from .utils import atomic_path, my_units, read_json, write_json_atomic
+from .utils import atomic_path, my_units, read_json, read_manifest, write_json_atomic
 
 log = logging.getLogger("tokenfold.esm")
 
@@ -517,12 +517,7 @@ class EmbeddingStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        mpath = self.path / "manifest.json"
-        if not mpath.exists():
-            raise FileNotFoundError(f"{self.path}: no manifest.json (stage 02 not finished: run its finalize step)")
-        self.meta = read_json(mpath)
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{mpath}: not a {FORMAT} manifest")
+        self.meta = read_manifest(self.path, FORMAT, "stage 02")
         self.mode = self.meta["mode"]
         self.dim = int(self.meta["dim"])
         self.random_weights = bool(self.meta["random_weights"])

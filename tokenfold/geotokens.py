@@ -39,7 +39,7 @@ Breaks
 ------
 A new segment starts where the input says so (``gap_before``, e.g. from the DB) and wherever two
 consecutive C-alphas are further apart than ``MAX_BOND`` (4.2 A; real virtual bonds are 2.8-4.0 A,
-distances above that are missing residues). ``segment_rmsd`` superposes each segment separately
+distances above that are missing residues). ``tokenfold.metrics.segment_rmsd`` superposes each segment separately
 (residue-weighted RMS over segments), since the relative pose of segments is not encoded; the
 decoded output puts a later segment 10 A away so that a decoded trace shows its breaks.
 
@@ -65,6 +65,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .metrics import segment_rmsd
 from .structure import BREAK_DISTANCE, chain_breaks
 from .utils import atomic_path, log, sha256_file
 
@@ -555,30 +556,6 @@ def _closed_loop(cb: GeoCodebook, chains, beam: int = 1) -> tuple[np.ndarray, np
     if not T:
         return np.zeros((0, 3)), np.zeros(0, np.int64), 0.0
     return np.concatenate(T), np.concatenate(Kc), float(np.sqrt(se / max(n, 1)))
-
-
-def segment_rmsd(pred: np.ndarray, true: np.ndarray, starts: np.ndarray | None = None) -> float:
-    """C-alpha RMSD with each segment of the TRUE chain superposed on its own (residue-weighted RMS).
-
-    `starts` (bool [L]) marks segment starts; default `segment_starts(true)`. A chain without breaks
-    gets the ordinary superposed RMSD.
-    """
-    from .metrics import rmsd
-
-    pred = np.asarray(pred, np.float64)
-    true = np.asarray(true, np.float64)
-    if pred.shape != true.shape:
-        raise ValueError(f"shapes differ: {pred.shape} vs {true.shape}")
-    starts = segment_starts(true) if starts is None else np.asarray(starts, bool)
-    bounds = np.concatenate([np.flatnonzero(starts), [len(true)]])
-    se = 0.0
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        if e - s >= 3:
-            se += (e - s) * rmsd(pred[s:e], true[s:e]) ** 2
-        elif e - s == 2:  # two points: only their distance matters
-            d = abs(np.linalg.norm(pred[s + 1] - pred[s]) - np.linalg.norm(true[s + 1] - true[s]))
-            se += 2 * (d / 2) ** 2
-    return float(np.sqrt(se / max(len(true), 1)))
 
 
 def reconstruction_rmsd(cb: GeoCodebook, cas: Sequence[np.ndarray], gaps: Sequence | None = None,

@@ -159,20 +159,29 @@ def gdt_ts(pred: np.ndarray, true: np.ndarray, cutoffs=GDT_CUTOFFS) -> float:
 
 
 # ----------------------------------------------------------------------------- all trace metrics
-def segment_rmsd(pred: np.ndarray, true: np.ndarray, starts: np.ndarray | None) -> float:
-    """RMSD with each segment (``starts``: bool [L], True where a segment begins) superposed on its
-    own; segments of 1-2 residues are only centred. Residue-weighted over segments."""
+def segment_rmsd(pred: np.ndarray, true: np.ndarray, starts: np.ndarray | None = None) -> float:
+    """C-alpha RMSD with each segment of the true chain superposed on its own (residue-weighted RMS).
+
+    `starts` (bool [L]) is True where a segment begins (chain breaks); None: one segment, the
+    ordinary superposed RMSD. Segments of 3+ residues are superposed; for 2 residues only their
+    distance counts (the best superposition leaves half the distance error on each point); a single
+    residue contributes 0. Stage 04 (tokenizer reconstruction) and stage 06 (``rmsd_seg``) share it.
+    """
     pred = np.asarray(pred, dtype=np.float64)
     true = np.asarray(true, dtype=np.float64)
-    if starts is None or not np.asarray(starts)[1:].any():
+    if pred.shape != true.shape:
+        raise ValueError(f"shapes differ: {pred.shape} vs {true.shape}")
+    if starts is None:
         return rmsd(pred, true)
-    bounds = np.concatenate([[0], np.flatnonzero(np.asarray(starts)[1:]) + 1, [len(true)]])
+    bounds = np.concatenate([[0], np.flatnonzero(np.asarray(starts, bool)[1:]) + 1, [len(true)]])
     se = 0.0
     for a, b in zip(bounds[:-1], bounds[1:]):
-        x, y = pred[a:b], true[a:b]
-        moved = superpose(x, y) if b - a >= 3 else x - x.mean(0) + y.mean(0)
-        se += float(np.sum((moved - y) ** 2))
-    return float(np.sqrt(se / len(true)))
+        if b - a >= 3:
+            se += (b - a) * rmsd(pred[a:b], true[a:b]) ** 2
+        elif b - a == 2:
+            d = abs(np.linalg.norm(pred[a + 1] - pred[a]) - np.linalg.norm(true[a + 1] - true[a]))
+            se += 2 * (d / 2) ** 2
+    return float(np.sqrt(se / max(len(true), 1)))
 
 
 def trace_metrics(pred: np.ndarray, true: np.ndarray, seq: str | None = None, starts: np.ndarray | None = None) -> dict:

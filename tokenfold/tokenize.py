@@ -177,7 +177,8 @@ class _Geo(_Kind):
         return out
 
     def extra(self, items, results) -> dict:
-        from .geotokens import segment_starts, segment_rmsd
+        from .geotokens import segment_starts
+        from .metrics import segment_rmsd
 
         rmsd = np.full(len(items), np.nan)
         nseg = np.zeros(len(items), np.int32)

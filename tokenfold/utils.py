@@ -72,6 +72,18 @@ def read_json(path: str | os.PathLike):
         return json.load(f)
 
 
+def read_manifest(directory: str | os.PathLike, fmt: str, stage: str) -> dict:
+    """`directory`/manifest.json, checked to be a `fmt` manifest; a missing one means `stage` has not
+    finished (its finalize step writes the manifest last)."""
+    path = Path(directory) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: no manifest.json ({stage} not finished: run its finalize step)")
+    manifest = read_json(path)
+    if manifest.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} manifest")
+    return manifest
+
+
 def read_fasta(path: str | Path) -> list[tuple[str, str]]:
     """(id, sequence) pairs; id = the header's first word. Whitespace inside sequences is ignored."""
     recs, name, chunks = [], None, []
