@@ -20,33 +20,8 @@ import sys
 from pathlib import Path
 
 from tokenfold import layout
+from tokenfold.predict import add_decoding_args, sampling_from_args
 from tokenfold.utils import add_shard_args, die, resolve_shard, seed_everything, setup_logging
-
-
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding (constrained: one structure token per residue; greedy by default)")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="proteins per generation batch (default 64 on a GPU, 16 on a CPU)")
-    g.add_argument("--max-batch-tokens", type=int, default=65536,
-                   help="bound on proteins x longest length per batch, for GPU memory (default 65536)")
-    g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--kanzi-checkpoint", default=None, help="Kanzi weights, to decode kanzi tokens")
-    g.add_argument("--seed", type=int, default=0, help="seed for sampling and the baselines' train sample")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for models under 20M parameters, where more threads "
-                        "only slow decoding down, else torch's choice)")
-
-
-def sampling_from_args(a):
-    from tokenfold.generate import Sampling
-
-    return Sampling(do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
 def main(argv=None) -> int:
@@ -103,8 +78,8 @@ def main(argv=None) -> int:
             return 0
         if status == "other" and not a.overwrite:
             die(f"{a.out} holds the evaluation of a different configuration; use --overwrite or another --out")
-        ev.decoder()  # fail early when a decodable kind's decoder is missing
         if not a.finalize:
+            ev.decoder()  # fail early when a decodable kind's decoder is missing
             ev.run_units(num_tasks, task, overwrite=a.overwrite)
             if num_tasks > 1:
                 print(f"task {task}/{num_tasks} done; run once more with --finalize after all tasks", file=sys.stderr)

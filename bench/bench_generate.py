@@ -6,7 +6,8 @@ Same model, same proteins, same device, one run:
     reference = `tokenfold.generate.reference_generate`: transformers' own ``model.generate()`` called
                 once per protein (greedy, KV cache, the layout enforced by a LogitsProcessor)
     ours      = `tokenfold.generate.generate`: length-grouped batches (left padding + position ids in
-                the plain layout, two-token steps in the interleaved one), one KV cache per batch
+                the plain layout, the amino acids fed between generated tokens in the interleaved
+                one), one KV cache per batch
 
 Both are greedy, so their outputs must be identical; the script checks and prints the match rate.
 Proteins: real sequences (Foldseek's FASTA dump in ../shared/data/foldseek_db, else the embedded
@@ -32,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tokenfold.evaluate import pick_device, pick_dtype  # noqa: E402
 from tokenfold.generate import generate, reference_generate  # noqa: E402
 from tokenfold.vocab import AA_LETTERS, Vocab  # noqa: E402
 
@@ -80,10 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    device = torch.device(pick_device(a.device))
+    dtype = pick_dtype(a.dtype, str(device))
     if a.checkpoint:
         from tokenfold.checkpoint import load_for_inference
 

@@ -35,7 +35,7 @@ from . import layout
 from .baselines import Baselines, train_examples
 from .generate import Sampling, generate, set_cpu_threads, teacher_forced
 from .metrics import (DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, summarize,
-                      trace_metrics)
+                      superpose, trace_metrics)
 from .utils import atomic_path, die, log, my_units, progress, read_json, write_json_atomic, write_text_atomic
 from .vocab import Vocab
 
@@ -78,7 +78,8 @@ class EvalConfig:
                 "sampling": asdict(self.sampling), "unconstrained": self.unconstrained,
                 "max_proteins": self.max_proteins, "chunk_size": self.chunk_size,
                 "baseline_max_residues": self.baseline_max_residues, "seed": self.seed,
-                "kanzi_checkpoint": self.kanzi_checkpoint, "dtype": self.dtype,
+                "kanzi_checkpoint": self.kanzi_checkpoint,
+                "dtype": str(pick_dtype(self.dtype, pick_device(self.device))),  # auto: bf16 on GPU, fp32 on CPU
                 "db": str(Path(self.db).resolve()) if self.db else None}
 
 
@@ -106,10 +107,6 @@ def load_model(checkpoint: str, device: str = "auto", dtype: str = "auto"):
     dev = pick_device(device)
     model, vocab = load_for_inference(ckpt, device=dev, dtype=pick_dtype(dtype, dev))
     return model, vocab, ckpt
-
-
-def default_tokens_dir(vocab: Vocab) -> Path:
-    return layout.tokens_dir(vocab.kind + ("_interleaved" if vocab.interleaved else ""))
 
 
 def check_same_vocab(a: Vocab, b: Vocab, where: str) -> None:
@@ -262,7 +259,7 @@ class Evaluation:
         self.ckpt = resolve(cfg.checkpoint)
         self.vocab = Vocab.load(self.ckpt / "vocab.json")
         if cfg.tokens is None:
-            cfg.tokens = str(default_tokens_dir(self.vocab))
+            cfg.tokens = str(layout.tokens_dir(self.vocab.kind, self.vocab.interleaved))
         self.tokens = Path(cfg.tokens)
         if not (self.tokens / "vocab.json").exists():
             raise FileNotFoundError(f"{self.tokens}: no token shards (vocab.json missing); pass --tokens")
@@ -289,8 +286,7 @@ class Evaluation:
     @property
     def model(self):
         if self._model is None:
-            self._model, vocab, _ = load_model(str(self.ckpt), self.device, self.cfg.dtype)
-            check_same_vocab(self.vocab, vocab, str(self.ckpt))
+            self._model, _, _ = load_model(str(self.ckpt), self.device, self.cfg.dtype)
             set_cpu_threads(self._model, self.cfg.threads)
         return self._model
 
@@ -401,8 +397,8 @@ class Evaluation:
         acc = np.array([np.mean(p == t) for p, t in zip(P["pred_codes"], P["true_codes"])])
         tf_acc = np.array([np.mean(p == t) for p, t in zip(P["tf_codes"], P["true_codes"])])
         ppl = np.exp(P["nll"] / P["n_targets"])
-        base_acc = {b: np.array([np.mean(base.predict(b, a) == t) for a, t in zip(P["aa"], P["true_codes"])])
-                    for b in names}
+        base_pred = {b: [base.predict(b, a) for a in P["aa"]] for b in names}
+        base_acc = {b: np.array([np.mean(p == t) for p, t in zip(base_pred[b], P["true_codes"])]) for b in names}
         all_true = np.concatenate(P["true_codes"])
         all_pred = np.concatenate(P["pred_codes"])
         micro = lambda pr: float(np.mean(np.concatenate(pr) == all_true))  # noqa: E731
@@ -412,7 +408,7 @@ class Evaluation:
             "teacher_forced_accuracy": micro(P["tf_codes"]),
             "perplexity": float(np.exp(P["nll"].sum() / P["n_targets"].sum())),
             "perplexity_note": "exp(mean NLL of the true structure tokens and <eos>, teacher-forced, full vocabulary)",
-            "baselines": {b: {"accuracy": micro([base.predict(b, a) for a in P["aa"]]),
+            "baselines": {b: {"accuracy": micro(base_pred[b]),
                               "accuracy_mean_per_protein": float(base_acc[b].mean())} for b in names},
             "baseline_fit": ({**base.meta, "most_frequent_token": v.struct_symbols[base.most_frequent]}
                              if base is not None else "no train split: no baselines"),
@@ -555,6 +551,11 @@ def write_ca_pdb(path: str | os.PathLike, chains: dict[str, tuple[str, np.ndarra
     return path
 
 
+def safe_name(name) -> str:
+    """A protein id as a file name: anything but letters, digits, '-', '_', '.' becomes '_'."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+
+
 def write_pdbs(pdb_dir: Path, P: dict, limit: int) -> list[Path]:
     """<id>_pred_vs_true.pdb for the first `limit` proteins with a true trace: chain A = truth,
     chain B = decoded prediction superposed on it (Kabsch)."""
@@ -568,8 +569,7 @@ def write_pdbs(pdb_dir: Path, P: dict, limit: int) -> list[Path]:
             continue
         r, t = kabsch(pred[ok], true[ok])
         moved = pred.astype(np.float64) @ r.T + t
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(P["ids"][i]))
-        out.append(write_ca_pdb(pdb_dir / f"{safe}_pred_vs_true.pdb", {"A": (aa, true), "B": (aa, moved)}))
+        out.append(write_ca_pdb(pdb_dir / f"{safe_name(P['ids'][i])}_pred_vs_true.pdb", {"A": (aa, true), "B": (aa, moved)}))
     return out
 
 
@@ -667,8 +667,7 @@ def structure_plots(out: Path, lengths, tm: np.ndarray, P: dict, n_pictures: int
         for k, i in enumerate(pick):
             ax = fig.add_subplot(1, len(pick), k + 1, projection="3d")
             true, pred = P["true_ca"][i].astype(np.float64), P["pred_ca"][i].astype(np.float64)
-            r, t = kabsch(pred, true)
-            moved = pred @ r.T + t
+            moved = superpose(pred, true)
             c = true.mean(0)
             ax.plot(*(true - c).T, color="0.25", linewidth=1.4, label="true C-alpha")
             ax.plot(*(moved - c).T, color="C3", linewidth=1.2, alpha=0.85, label="predicted (superposed)")

@@ -28,8 +28,13 @@ def codebook_path(k: int) -> Path:
     return CODEBOOK / f"codebook_K{k}.pkl"
 
 
-def tokens_dir(kind: str) -> Path:
-    return TOKENS / kind
+def tokens_name(kind: str, interleaved: bool = False) -> str:
+    """Name of a token set: `<kind>` or `<kind>_interleaved` (stage 04 writes it, stage 06 finds it)."""
+    return kind + ("_interleaved" if interleaved else "")
+
+
+def tokens_dir(kind: str, interleaved: bool = False) -> Path:
+    return TOKENS / tokens_name(kind, interleaved)
 
 
 def geo_codebook_path(k: int) -> Path:

@@ -32,16 +32,44 @@ def clean_sequence(seq: str) -> tuple[str | None, str | None]:
     return s, None
 
 
-def max_residues(model, vocab) -> int:
-    """Longest protein whose example fits the model's positions (plain: 2L+4 tokens, interleaved: 2L+3)."""
+def max_residues(model) -> int:
+    """Longest protein whose example fits the model's positions in either layout (plain: 2L+4 tokens,
+    interleaved: 2L+3)."""
     n_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     return (n_pos - 4) // 2
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """Decoding and device options shared by 06_evaluate.py and this CLI."""
+    g = p.add_argument_group("decoding (constrained: one structure token per residue; greedy by default)")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="proteins per generation batch (default 64 on a GPU, 16 on a CPU)")
+    g.add_argument("--max-batch-tokens", type=int, default=65536,
+                   help="bound on proteins x longest length per batch, for GPU memory (default 65536)")
+    g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: cuda when available)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--kanzi-checkpoint", default=None, help="Kanzi weights, to decode kanzi tokens")
+    g.add_argument("--seed", type=int, default=0, help="seed for sampling (and stage 06's baselines' train sample)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: 1 for models under 20M parameters, where more threads "
+                        "only slow decoding down, else torch's choice)")
+
+
+def sampling_from_args(a: argparse.Namespace):
+    from .generate import Sampling
+
+    return Sampling(do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
 
 
 def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = "auto", dtype: str = "auto",
             batch_size: int | None = None, max_batch_tokens: int = 65536, kanzi_checkpoint: str | None = None,
             threads: int | None = None) -> dict:
-    from .evaluate import load_decoder, load_model, write_ca_pdb
+    from .evaluate import load_decoder, load_model, safe_name, write_ca_pdb
     from .generate import generate, set_cpu_threads
 
     out = Path(out)
@@ -50,7 +78,7 @@ def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = 
     recs = read_fasta(fasta)
     if not recs:
         raise ValueError(f"{fasta}: no FASTA records")
-    limit = max_residues(model, vocab)
+    limit = max_residues(model)
     keep, rejects, seen = [], [], set()
     for name, seq in recs:
         s, why = clean_sequence(seq)
@@ -66,14 +94,11 @@ def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = 
     log.info("predict: %d sequences, %d rejected", len(keep), len(rejects))
     gens = generate(model, vocab, [s for _, s in keep], sampling=sampling, batch_size=batch_size,
                     max_batch_tokens=max_batch_tokens, show_progress=True)
-    decoder = None
-    if vocab.kind in ("geo", "kanzi"):
-        decoder = load_decoder(vocab, [ckpt], kanzi_checkpoint)
+    decoder = load_decoder(vocab, [ckpt], kanzi_checkpoint)  # None for kinds that do not decode
     pdbs = []
     if decoder is not None and keep:
         for (name, s), ca in zip(keep, decoder.decode_many([g.codes for g in gens])):
-            safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-            pdbs.append(write_ca_pdb(out / "pdb" / f"{safe}.pdb", {"A": (s, ca)}))
+            pdbs.append(write_ca_pdb(out / "pdb" / f"{safe_name(name)}.pdb", {"A": (s, ca)}))
     write_text_atomic(out / "structure_tokens.fasta",
                       "".join(f">{name} kind={vocab.kind} L={len(s)}\n{vocab.symbols(g.codes)}\n"
                               for (name, s), g in zip(keep, gens)))
@@ -89,25 +114,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True,
                    help="output dir: structure_tokens.fasta, pdb/<id>.pdb (geo/kanzi), rejects.tsv")
     p.add_argument("-v", "--verbose", action="store_true")
-    from .generate import Sampling
-
-    g = p.add_argument_group("decoding (constrained; greedy by default)")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0, help="0: off")
-    g.add_argument("--top-p", type=float, default=1.0, help="1.0: off")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=None, help="proteins per batch (default 64 on GPU, 16 on CPU)")
-    g.add_argument("--max-batch-tokens", type=int, default=65536)
-    g.add_argument("--device", default="auto", help="cuda, cpu or auto")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for models under 20M parameters, else torch's choice)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--kanzi-checkpoint", default=None, help="Kanzi weights, to decode kanzi tokens")
+    add_decoding_args(p)
     a = p.parse_args(argv)
     setup_logging(a.verbose)
     try:
-        s = Sampling(do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+        s = sampling_from_args(a)
         r = predict(a.checkpoint, a.fasta, a.out, s, a.device, a.dtype, a.batch_size, a.max_batch_tokens,
                     a.kanzi_checkpoint, a.threads)
     except (FileNotFoundError, ValueError) as e:

@@ -89,7 +89,7 @@ class TokenizeConfig:
 
     @property
     def name(self) -> str:
-        return self.kind + ("_interleaved" if self.interleaved else "")
+        return layout.tokens_name(self.kind, self.interleaved)
 
     @property
     def out_dir(self) -> Path:
