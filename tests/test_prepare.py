@@ -176,6 +176,7 @@ def test_sigkill_then_rerun_equals_uninterrupted(reference_db, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()  # killed mid-run
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
     assert _db_state(out) == _db_state(reference_db)
 

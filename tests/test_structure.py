@@ -73,8 +73,8 @@ def test_altloc_last_atom_wins_and_fast_path_equal(tmp_path):
     assert ch.ca[2, 0] == pytest.approx(4.56)
     # files without altlocs take the C++ lookup path; it must select exactly the same atoms
     f = need_shared("structures", "db55_unbound", "1A2K_r_u.pdb.gz")
-    st, fmt, text, _ = S.read_structure(f)
-    assert not S.has_altlocs(text, fmt)
+    st, fmt, text, _, altlocs = S.read_structure(f)
+    assert not altlocs
     excl = S._foldseek_ter_exclusions(text)
     slow = S.extract_chains(st, excl, use_entity_types=False, altlocs=True)
     fast = S.extract_chains(st, excl, use_entity_types=False, altlocs=False)
@@ -139,6 +139,21 @@ def test_chain_break_detection_threshold():
     d = np.linalg.norm(np.diff(ch.ca, axis=0), axis=1)
     assert (d[~gap[1:]] <= S.BREAK_DISTANCE).all()
     assert S.segments(gap) == [(0, i), (i, len(ch))]
+
+
+def test_break_distance_is_the_callers_both_ways(tmp_path):
+    # residues 5-8 shifted by 1.5 A along the 4->5 step: a 5.3 A C-alpha step
+    d = np.subtract(_RES[4][2], _RES[3][2])
+    shift = 1.5 * d / np.linalg.norm(d)
+    moved = _RES[:4] + [(rn, tuple(np.add(n, shift)), tuple(np.add(ca, shift)), tuple(np.add(c, shift)))
+                        for rn, n, ca, c in _RES[4:]]
+    (tmp_path / "stretch.pdb").write_text(_pdb(moved))
+    step = np.linalg.norm(np.subtract(moved[4][2], moved[3][2]))
+    assert 5.0 < step < 5.6
+    default = S.parse_structure_file(tmp_path / "stretch.pdb").chains[0].gap_before
+    assert np.flatnonzero(default).tolist() == [4]                       # 4.2 A default: a break
+    loose = S.parse_structure_file(tmp_path / "stretch.pdb", break_distance=6.0).chains[0].gap_before
+    assert not loose.any()                                                # 6 A: no break
 
 
 def test_alphafold_detection(tmp_path):

@@ -39,8 +39,6 @@ SPLITS = ("train", "val", "test")
 EXCLUDED = 3
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "excluded": EXCLUDED}
 SPLIT_NAMES = {v: k for k, v in SPLIT_CODES.items()}
-AA_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"
-SS_ALPHABET = "ACDEFGHIKLMNPQRSTVWY"  # Foldseek's 20 3Di states use the same letters
 
 
 @dataclass
@@ -60,11 +58,7 @@ class ProteinRecord:
 
     def __post_init__(self):
         L = len(self.aa)
-        for name in ("ss",):
-            v = getattr(self, name)
-            if v is not None and len(v) != L:
-                raise ValueError(f"{self.id}: len({name})={len(v)} != len(aa)={L}")
-        for name in ("ca", "plddt", "gap_before"):
+        for name in ("ss", "ca", "plddt", "gap_before"):
             v = getattr(self, name)
             if v is not None and len(v) != L:
                 raise ValueError(f"{self.id}: len({name})={len(v)} != len(aa)={L}")
@@ -79,62 +73,75 @@ class ProteinRecord:
 
 
 # ----------------------------------------------------------------------------- writing
-class ShardWriter:
-    """Collects records and writes one shard file atomically on `close()` (or leaving a `with`)."""
+@dataclass
+class Chunk:
+    """Entries in the shard layout (flat arrays + offsets), the unit shards are assembled from."""
 
-    def __init__(self, path: str | os.PathLike, attrs: dict | None = None):
-        self.path = Path(path)
-        self.attrs = dict(attrs or {})
-        self.records: list[ProteinRecord] = []
-
-    def add(self, rec: ProteinRecord) -> None:
-        self.records.append(rec)
+    ids: list
+    source: list
+    origin: list
+    lengths: np.ndarray        # int64 [n]
+    aa: np.ndarray             # uint8 [R]
+    ss: np.ndarray             # uint8 [R], 0 where none
+    ca: np.ndarray             # float32 [R, 3], NaN where none
+    plddt: np.ndarray          # float32 [R], NaN where none
+    gap_before: np.ndarray     # bool [R]
+    has_ss: np.ndarray         # bool [n]
+    has_ca: np.ndarray
+    has_plddt: np.ndarray
 
     def __len__(self):
-        return len(self.records)
+        return len(self.ids)
 
-    def __enter__(self):
-        return self
+    @classmethod
+    def from_records(cls, records: Sequence[ProteinRecord]) -> "Chunk":
+        n = len(records)
+        lengths = np.array([r.length for r in records], dtype=np.int64)
+        R = int(lengths.sum())
+        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        aa = np.frombuffer("".join(r.aa for r in records).encode("ascii"), dtype=np.uint8).copy()
+        ss = np.zeros(R, dtype=np.uint8)
+        ca = np.full((R, 3), np.nan, dtype=np.float32)
+        plddt = np.full(R, np.nan, dtype=np.float32)
+        gap = np.zeros(R, dtype=bool)
+        has = np.zeros((3, n), dtype=bool)
+        for j, r in enumerate(records):
+            a, b = starts[j], starts[j + 1]
+            if r.ss is not None:
+                ss[a:b] = np.frombuffer(r.ss.encode("ascii"), dtype=np.uint8)
+                has[0, j] = True
+            if r.ca is not None:
+                ca[a:b] = r.ca
+                has[1, j] = True
+            if r.plddt is not None:
+                plddt[a:b] = r.plddt
+                has[2, j] = True
+            if r.gap_before is not None:
+                gap[a:b] = r.gap_before
+        return cls([r.id for r in records], [r.source for r in records], [r.origin for r in records],
+                   lengths, aa, ss, ca, plddt, gap, has[0], has[1], has[2])
 
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
+    @classmethod
+    def concat(cls, chunks: Sequence["Chunk"]) -> "Chunk":
+        chunks = [c for c in chunks if len(c)] or [cls.from_records([])]
+        if len(chunks) == 1:
+            return chunks[0]
+        cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
+        return cls(sum((c.ids for c in chunks), []), sum((c.source for c in chunks), []),
+                   sum((c.origin for c in chunks), []), cat("lengths"), cat("aa"), cat("ss"),
+                   np.concatenate([c.ca.reshape(-1, 3) for c in chunks]), cat("plddt"), cat("gap_before"),
+                   cat("has_ss"), cat("has_ca"), cat("has_plddt"))
 
-    def close(self) -> Path:
-        write_shard(self.path, self.records, self.attrs)
-        return self.path
+    def arrays(self) -> dict:
+        offsets = np.zeros(len(self) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        return {"offsets": offsets, "aa": self.aa, "ss": self.ss, "ca": self.ca, "plddt": self.plddt,
+                "gap_before": self.gap_before, "has_ss": self.has_ss, "has_ca": self.has_ca,
+                "has_plddt": self.has_plddt, "id": self.ids, "source": self.source, "origin": self.origin}
 
 
 def write_shard(path: str | os.PathLike, records: Sequence[ProteinRecord], attrs: dict | None = None) -> None:
-    n = len(records)
-    lengths = np.array([r.length for r in records], dtype=np.int64)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    R = int(offsets[-1])
-    aa = np.frombuffer("".join(r.aa for r in records).encode("ascii"), dtype=np.uint8) if R else np.zeros(0, np.uint8)
-    ss = np.zeros(R, dtype=np.uint8)
-    ca = np.full((R, 3), np.nan, dtype=np.float32)
-    plddt = np.full(R, np.nan, dtype=np.float32)
-    gap = np.zeros(R, dtype=bool)
-    has_ss, has_ca, has_plddt = (np.zeros(n, dtype=bool) for _ in range(3))
-    for j, r in enumerate(records):
-        a, b = offsets[j], offsets[j + 1]
-        if r.ss is not None:
-            ss[a:b] = np.frombuffer(r.ss.encode("ascii"), dtype=np.uint8)
-            has_ss[j] = True
-        if r.ca is not None:
-            ca[a:b] = r.ca
-            has_ca[j] = True
-        if r.plddt is not None:
-            plddt[a:b] = r.plddt
-            has_plddt[j] = True
-        if r.gap_before is not None:
-            gap[a:b] = r.gap_before
-    write_shard_arrays(path, {
-        "offsets": offsets, "aa": aa, "ss": ss, "ca": ca, "plddt": plddt, "gap_before": gap,
-        "has_ss": has_ss, "has_ca": has_ca, "has_plddt": has_plddt,
-        "id": [r.id for r in records], "source": [r.source for r in records], "origin": [r.origin for r in records],
-    }, attrs)
+    write_shard_arrays(path, Chunk.from_records(records).arrays(), attrs)
 
 
 def write_shard_arrays(path: str | os.PathLike, arrays: dict, attrs: dict | None = None) -> None:

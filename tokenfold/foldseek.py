@@ -28,8 +28,6 @@ from pathlib import Path
 
 import numpy as np
 
-DBTYPE_AMINO_ACIDS = 0
-DBTYPE_GENERIC = 12
 DBTYPE_CA_ALPHA = 101
 COMPRESSED_BIT = 1 << 31
 CHECKPOINT = 1 << 10

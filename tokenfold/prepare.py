@@ -40,7 +40,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import structure as S
-from .db import EXCLUDED, FORMAT, SPLITS, VERSION, ProteinRecord, write_shard_arrays
+from .db import EXCLUDED, FORMAT, SPLITS, VERSION, Chunk, ProteinRecord, write_shard_arrays
 from .utils import atomic_path, my_units, progress, read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("tokenfold.prepare")
@@ -179,6 +179,8 @@ class Plan:
     n_items: int
     n_shards: int
     fingerprint: str
+    # record offsets of each FASTA file, found while planning and reused by every shard (not saved)
+    fasta_offsets: dict = field(default_factory=dict, repr=False, compare=False)
 
     def segments(self) -> list[tuple[str, int, int, int]]:
         """(kind, source number, first global item, item count) in item order."""
@@ -207,12 +209,14 @@ def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
     for prefix in inputs.foldseek_dbs:
         db = open_db(prefix)
         fdbs.append({"prefix": str(Path(prefix).resolve()), "n": len(db)})
-    fas = []
+    fas, fasta_offsets = [], {}
     for fa in inputs.fasta:
         fa = Path(fa)
         if not fa.is_file():
             raise FileNotFoundError(f"--fasta {fa}: no such file")
-        fas.append({"path": str(fa.resolve()), "n": int(len(fasta_record_offsets(fa)) - 1)})
+        path = str(fa.resolve())
+        fasta_offsets[path] = fasta_record_offsets(fa)
+        fas.append({"path": path, "n": int(len(fasta_offsets[path]) - 1)})
     n_items = len(files) + sum(d["n"] for d in fdbs) + sum(d["n"] for d in fas)
     ips = opts.items_per_shard
     n_shards = (n_items + ips - 1) // ips
@@ -226,77 +230,10 @@ def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
         h.update(f"fasta\t{d['path']}\t{d['n']}\t{Path(d['path']).stat().st_size}\n".encode())
     return Plan(structure_files=[str(f) for f in files], structure_bases=disambiguated_bases(files),
                 foldseek=fdbs, fasta=fas, options=asdict(opts), n_items=n_items, n_shards=n_shards,
-                fingerprint=h.hexdigest()[:16])
+                fingerprint=h.hexdigest()[:16], fasta_offsets=fasta_offsets)
 
 
 # ----------------------------------------------------------------------------- per-item ingestion
-@dataclass
-class Chunk:
-    """Entries in the shard layout (flat arrays + offsets), the unit shards are assembled from."""
-
-    ids: list
-    source: list
-    origin: list
-    lengths: np.ndarray        # int64 [n]
-    aa: np.ndarray             # uint8 [R]
-    ss: np.ndarray             # uint8 [R], 0 where none
-    ca: np.ndarray             # float32 [R, 3], NaN where none
-    plddt: np.ndarray          # float32 [R], NaN where none
-    gap_before: np.ndarray     # bool [R]
-    has_ss: np.ndarray         # bool [n]
-    has_ca: np.ndarray
-    has_plddt: np.ndarray
-
-    def __len__(self):
-        return len(self.ids)
-
-    @classmethod
-    def from_records(cls, records: Sequence[ProteinRecord]) -> "Chunk":
-        n = len(records)
-        lengths = np.array([r.length for r in records], dtype=np.int64)
-        R = int(lengths.sum())
-        starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        aa = np.frombuffer("".join(r.aa for r in records).encode("ascii"), dtype=np.uint8).copy()
-        ss = np.zeros(R, dtype=np.uint8)
-        ca = np.full((R, 3), np.nan, dtype=np.float32)
-        plddt = np.full(R, np.nan, dtype=np.float32)
-        gap = np.zeros(R, dtype=bool)
-        has = np.zeros((3, n), dtype=bool)
-        for j, r in enumerate(records):
-            a, b = starts[j], starts[j + 1]
-            if r.ss is not None:
-                ss[a:b] = np.frombuffer(r.ss.encode("ascii"), dtype=np.uint8)
-                has[0, j] = True
-            if r.ca is not None:
-                ca[a:b] = r.ca
-                has[1, j] = True
-            if r.plddt is not None:
-                plddt[a:b] = r.plddt
-                has[2, j] = True
-            if r.gap_before is not None:
-                gap[a:b] = r.gap_before
-        return cls([r.id for r in records], [r.source for r in records], [r.origin for r in records],
-                   lengths, aa, ss, ca, plddt, gap, has[0], has[1], has[2])
-
-    @classmethod
-    def concat(cls, chunks: Sequence["Chunk"]) -> "Chunk":
-        chunks = [c for c in chunks if len(c)] or [cls.from_records([])]
-        if len(chunks) == 1:
-            return chunks[0]
-        cat = lambda name: np.concatenate([getattr(c, name) for c in chunks])  # noqa: E731
-        return cls(sum((c.ids for c in chunks), []), sum((c.source for c in chunks), []),
-                   sum((c.origin for c in chunks), []), cat("lengths"), cat("aa"), cat("ss"),
-                   np.concatenate([c.ca.reshape(-1, 3) for c in chunks]), cat("plddt"), cat("gap_before"),
-                   cat("has_ss"), cat("has_ca"), cat("has_plddt"))
-
-    def arrays(self) -> dict:
-        offsets = np.zeros(len(self) + 1, dtype=np.int64)
-        np.cumsum(self.lengths, out=offsets[1:])
-        return {"offsets": offsets, "aa": self.aa, "ss": self.ss, "ca": self.ca, "plddt": self.plddt,
-                "gap_before": self.gap_before, "has_ss": self.has_ss, "has_ca": self.has_ca,
-                "has_plddt": self.has_plddt, "id": self.ids, "source": self.source, "origin": self.origin}
-
-
 @dataclass
 class ItemResult:
     """What one input item (or block of items) gave: kept records or a ready chunk of entries,
@@ -337,7 +274,7 @@ def ingest_structure_file(path: str, base: str, opts: PrepareOptions) -> ItemRes
     """One PDB/mmCIF file -> records (one per kept chain or segment). Never raises."""
     res = ItemResult()
     try:
-        pf = S.parse_structure_file(path)
+        pf = S.parse_structure_file(path, opts.break_distance)
     except S.StructureError as e:
         res.rejects.append((path, "", str(e)))
         return res
@@ -365,11 +302,7 @@ def ingest_structure_file(path: str, base: str, opts: PrepareOptions) -> ItemRes
 def _ingest_chain(res: ItemResult, path: str, base: str, pf: S.ParsedFile, ch: S.Chain, use_plddt: bool,
                   opts: PrepareOptions) -> None:
     cid = S.chain_entry_id(base, ch.name, pf.n_gemmi_chains)
-    gap = S.chain_breaks(ch.ca, opts.break_distance)
-    if ch.gap_before is not None:
-        gap |= ch.gap_before  # where non-finite residues were dropped
-    if len(gap):
-        gap[0] = False
+    gap = ch.gap_before  # C-alpha steps > opts.break_distance and dropped non-finite residues
     ca_trace = ch.is_ca_trace
     if ca_trace:
         res.notes.append((path, ch.name, "no 3Di: C-alpha trace (N and C missing on most residues); kept without 3Di"))
@@ -497,7 +430,7 @@ def _tsv_line(*cols) -> str:
     return "\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in cols) + "\n"
 
 
-def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | None = None) -> dict:
+def build_shard(out: Path, plan: Plan, k: int, pool=None) -> dict:
     """Ingest the items of DB shard k and write its files (h5 last). Returns the shard report."""
     opts = PrepareOptions(**plan.options)
     lo, hi = plan.shard_range(k)
@@ -539,11 +472,9 @@ def build_shard(out: Path, plan: Plan, k: int, pool=None, fasta_offsets: dict | 
             bar.update(b - a)
         else:
             path = plan.fasta[src]["path"]
-            offs = (fasta_offsets or {}).get(path)
+            offs = plan.fasta_offsets.get(path)
             if offs is None:
-                offs = fasta_record_offsets(path)
-                if fasta_offsets is not None:
-                    fasta_offsets[path] = offs
+                offs = plan.fasta_offsets[path] = fasta_record_offsets(path)
             collect(ingest_fasta_range(path, offs, la, lb, opts), kind, pending)
             bar.update(b - a)
         if pending:
@@ -647,9 +578,8 @@ def run(inputs: Inputs, out: str | os.PathLike, opts: PrepareOptions | None = No
         try:
             if workers > 1 and todo and plan.structure_files:
                 pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers)
-            fasta_offsets: dict = {}
             for k in todo:
-                build_shard(out, plan, k, pool, fasta_offsets)
+                build_shard(out, plan, k, pool)
                 built += 1
         finally:
             if pool is not None:
@@ -681,9 +611,9 @@ def _write_sequences(out: Path, plan: Plan, include: np.ndarray, fasta: Path, st
     """Stream the included entries' sequences, shard by shard, into a FASTA named by position
     among the included (what MMseqs2 clusters); returns a 16-byte hash per included sequence
     (the exact-sequence fallback). Nothing but one shard's amino acids is held in memory."""
-    import hashlib
-
     import h5py
+
+    from . import split as SP
 
     hashes = np.zeros((int(include.sum()), 16), dtype=np.uint8)
     pos = 0
@@ -696,7 +626,7 @@ def _write_sequences(out: Path, plan: Plan, include: np.ndarray, fasta: Path, st
             lines = []
             for j in np.flatnonzero(inc).tolist():
                 seq = aa[offs[j]:offs[j + 1]]
-                hashes[pos] = np.frombuffer(hashlib.blake2b(seq.encode(), digest_size=16).digest(), dtype=np.uint8)
+                hashes[pos] = SP.sequence_hash(seq)
                 lines.append(f">{pos}\n{seq}\n")
                 pos += 1
             fh.write("".join(lines))

@@ -1,6 +1,6 @@
 """Train/val/test split by sequence clusters: MMseqs2 `easy-cluster`, whole clusters per split.
 
-`cluster_fasta` (streamed FASTA) / `cluster_sequences` (in memory) return, for each entry, the
+`cluster_fasta` (a streamed FASTA) returns, for each entry, the
 position of its cluster representative: MMseqs2 when it is on PATH (default 30 % identity, 80 %
 coverage), else -- loudly -- one cluster per exact sequence (a hash), which still keeps identical
 chains in one split but lets homologs straddle splits. `assign_splits` then deals whole clusters
@@ -40,12 +40,9 @@ def find_mmseqs(explicit: str | None = None) -> str | None:
     return shutil.which("mmseqs")
 
 
-def sequence_hashes(seqs: Sequence[str]) -> np.ndarray:
-    """uint8 [n, 16]: a BLAKE2b digest of each sequence."""
-    out = np.zeros((len(seqs), 16), dtype=np.uint8)
-    for i, s in enumerate(seqs):
-        out[i] = np.frombuffer(hashlib.blake2b(s.encode(), digest_size=16).digest(), dtype=np.uint8)
-    return out
+def sequence_hash(seq: str) -> np.ndarray:
+    """uint8 [16]: the BLAKE2b digest of one sequence (the exact-sequence fallback's cluster key)."""
+    return np.frombuffer(hashlib.blake2b(seq.encode(), digest_size=16).digest(), dtype=np.uint8)
 
 
 def exact_hash_clusters(hashes: np.ndarray) -> np.ndarray:
@@ -104,22 +101,6 @@ def cluster_fasta(fasta: str | os.PathLike, hashes: np.ndarray, workdir: str | o
         raise ValueError(f"mmseqs mode must be one of {sorted(MODES)}, got {mode!r}")
     rep, cmd = mmseqs_clusters(fasta, n, exe, workdir, min_seq_id, coverage, threads, mode)
     return Clustering(rep, "mmseqs", cmd)
-
-
-def cluster_sequences(seqs: Sequence[str], workdir: str | os.PathLike, min_seq_id: float = 0.3,
-                      coverage: float = 0.8, threads: int = 1, mmseqs: str | None = None,
-                      use_mmseqs: bool = True, mode: str = "cluster") -> Clustering:
-    """`cluster_fasta` for sequences in memory (small inputs)."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix="seqs_", suffix=".fasta", dir=workdir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(f">{i}\n{s}\n" for i, s in enumerate(seqs)))
-        return cluster_fasta(name, sequence_hashes(seqs), workdir, min_seq_id, coverage, threads, mmseqs,
-                             use_mmseqs, mode)
-    finally:
-        os.unlink(name)
 
 
 def _cluster_key(seed: int, key) -> int:

@@ -104,16 +104,10 @@ class ParsedFile:
     """What one structure file gave: its chains and the facts that name and flag them."""
 
     chains: list[Chain]
-    fmt: str                 # 'pdb' or 'cif'
     n_models: int
     n_gemmi_chains: int      # over all models, as Foldseek counts them for the `_<chain>` suffix
     is_alphafold: bool       # an AlphaFold model (B-factor column holds pLDDT)
-    title: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def three_to_one(name: str) -> str:
-    return _THREE_TO_ONE.get(name.upper(), "X")
 
 
 def entry_name(path: str | Path) -> str:
@@ -168,10 +162,6 @@ def _decode(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return data.decode("latin-1")
-
-
-def _is_water(name: str) -> bool:
-    return name in ("HOH", "WAT", "H2O", "DOD", "D2O", "TIP", "TIP3", "SOL")
 
 
 def _foldseek_ter_exclusions(text: str) -> list[tuple[str, set]] | None:
@@ -233,10 +223,6 @@ def _foldseek_ter_exclusions(text: str) -> list[tuple[str, set]] | None:
     return parts
 
 
-def _count_models(text: str) -> int:
-    return max(1, len(re.findall(r"^MODEL ", text, re.M)))
-
-
 def detect_alphafold(text: str, base: str) -> bool:
     """AlphaFold models: AFDB ids (AF-<acc>-F<n>), 'alphafold' in the name or in the file header."""
     if _AF_NAME.search(base):
@@ -244,10 +230,13 @@ def detect_alphafold(text: str, base: str) -> bool:
     return "alphafold" in text[:20000].lower()
 
 
-def _parse(text: str, fmt: str) -> gemmi.Structure:
+def _parse(text: str, fmt: str) -> tuple[gemmi.Structure, bool]:
+    """(structure, whether any atom has an alternate location); an mmCIF text is parsed once for both."""
     if fmt == "cif":
-        return gemmi.make_structure_from_block(gemmi.cif.read_string(text).sole_block())
-    return gemmi.read_pdb_string(text)
+        block = gemmi.cif.read_string(text).sole_block()
+        altlocs = any(v not in (".", "?") for v in block.find_values("_atom_site.label_alt_id"))
+        return gemmi.make_structure_from_block(block), altlocs
+    return gemmi.read_pdb_string(text), _pdb_has_altlocs(text)
 
 
 def _drop_truncated_last_record(text: str) -> str | None:
@@ -260,21 +249,19 @@ def _drop_truncated_last_record(text: str) -> str | None:
     return None
 
 
-def has_altlocs(text: str, fmt: str) -> bool:
-    """Whether any atom has an alternate location indicator (cheap text check)."""
-    if fmt == "pdb":  # column 17 of ATOM/HETATM lines, vectorised over the line starts
-        b = np.frombuffer(text.encode("latin-1", "replace"), dtype=np.uint8)
-        starts = np.concatenate([[0], np.flatnonzero(b == 10) + 1])
-        starts = starts[starts + 17 <= len(b)]
-        atom = ((b[starts] == 65) & (b[starts + 1] == 84) & (b[starts + 2] == 79) & (b[starts + 3] == 77)) | \
-               ((b[starts] == 72) & (b[starts + 1] == 69) & (b[starts + 2] == 84) & (b[starts + 3] == 65))
-        return bool((b[starts[atom] + 16] != 32).any())
-    vals = gemmi.cif.read_string(text).sole_block().find_values("_atom_site.label_alt_id")
-    return any(v not in (".", "?") for v in vals)
+def _pdb_has_altlocs(text: str) -> bool:
+    """Whether any ATOM/HETATM line has an alternate location (column 17), vectorised over line starts."""
+    b = np.frombuffer(text.encode("latin-1", "replace"), dtype=np.uint8)
+    starts = np.concatenate([[0], np.flatnonzero(b == 10) + 1])
+    starts = starts[starts + 17 <= len(b)]
+    atom = ((b[starts] == 65) & (b[starts + 1] == 84) & (b[starts + 2] == 79) & (b[starts + 3] == 77)) | \
+           ((b[starts] == 72) & (b[starts + 1] == 69) & (b[starts + 2] == 84) & (b[starts + 3] == 65))
+    return bool((b[starts[atom] + 16] != 32).any())
 
 
-def read_structure(path: str | Path) -> tuple[gemmi.Structure, str, str, list[str]]:
-    """(gemmi structure, format 'pdb'|'cif', decoded text, notes). Raises StructureError with the reason.
+def read_structure(path: str | Path) -> tuple[gemmi.Structure, str, str, list[str], bool]:
+    """(gemmi structure, format 'pdb'|'cif', decoded text, notes, whether any atom has an altloc).
+    Raises StructureError with the reason.
 
     A PDB file whose last coordinate line is cut mid-record (an interrupted download) keeps the
     residues before the cut, with a note.
@@ -283,19 +270,19 @@ def read_structure(path: str | Path) -> tuple[gemmi.Structure, str, str, list[st
     fmt = sniff_format(text)
     notes: list[str] = []
     try:
-        st = _parse(text, fmt)
+        st, altlocs = _parse(text, fmt)
     except Exception as e:  # gemmi raises RuntimeError/ValueError with a useful message
         shorter = _drop_truncated_last_record(text) if fmt == "pdb" else None
         try:
             if shorter is None:
                 raise
-            st = _parse(shorter, fmt)
+            st, altlocs = _parse(shorter, fmt)
             text = shorter
             notes.append("truncated: last coordinate line cut mid-record; kept the atoms before it")
         except Exception:
             msg = " ".join(str(e).split())[:200] if str(e) else type(e).__name__
             raise StructureError(f"unparsable {fmt}: {msg}") from None
-    return st, fmt, text, notes
+    return st, fmt, text, notes, altlocs
 
 
 def extract_chains(st: gemmi.Structure, ter_exclusions: list[tuple[str, set]] | None = None,
@@ -354,18 +341,19 @@ def extract_chains(st: gemmi.Structure, ter_exclusions: list[tuple[str, set]] | 
     return out
 
 
-def parse_structure_file(path: str | Path) -> ParsedFile:
+def parse_structure_file(path: str | Path, break_distance: float = BREAK_DISTANCE) -> ParsedFile:
     """Read one PDB/mmCIF file (plain or gzipped, any extension) into Foldseek-selected chains.
 
     Chains come back in file order, including empty ones (no kept residue), so that callers can
     tell "no protein chain" from "chain too short". Non-finite C-alpha residues are dropped here.
+    `gap_before` marks the residue after each dropped run and each C-alpha step > `break_distance`.
     """
-    st, fmt, text, notes = read_structure(path)
+    st, fmt, text, notes, altlocs = read_structure(path)
     if len(st) == 0 or not any(len(ch) for ch in st[0]):
         raise StructureError("no atoms")
     is_pdb = fmt == "pdb"
     excl = _foldseek_ter_exclusions(text) if is_pdb else None
-    chains = extract_chains(st, excl, use_entity_types=not is_pdb, altlocs=has_altlocs(text, fmt))
+    chains = extract_chains(st, excl, use_entity_types=not is_pdb, altlocs=altlocs)
     for ch in chains:
         ok = np.isfinite(ch.ca).all(axis=1)
         gap = np.zeros(len(ch), dtype=bool)
@@ -381,14 +369,13 @@ def parse_structure_file(path: str | Path) -> ParsedFile:
             notes.append(f"dropped residues: chain {ch.name}: {ch.dropped_nonfinite} with non-finite C-alpha coordinates")
         for arr in (ch.n, ch.c, ch.cb):  # a non-finite N/C/CB is a missing atom
             arr[~np.isfinite(arr).all(axis=1)] = np.nan
-        ch.gap_before = gap | chain_breaks(ch.ca)
+        ch.gap_before = gap | chain_breaks(ch.ca, break_distance)
         if len(ch):
             ch.gap_before[0] = False
     n_gemmi = sum(len(m) for m in st)
     base = entry_name(path)
-    title = st.info["_struct.title"] if "_struct.title" in st.info else ""
-    return ParsedFile(chains=chains, fmt=fmt, n_models=len(st), n_gemmi_chains=n_gemmi,
-                      is_alphafold=detect_alphafold(text, base), title=title, notes=notes)
+    return ParsedFile(chains=chains, n_models=len(st), n_gemmi_chains=n_gemmi,
+                      is_alphafold=detect_alphafold(text, base), notes=notes)
 
 
 # ----------------------------------------------------------------------------- geometry, 3Di
