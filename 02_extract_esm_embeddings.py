@@ -86,9 +86,7 @@ def main(argv=None) -> int:
                     model = str(ensure_random_checkpoint(model, args.seed))
                 except EsmLoadError as e:
                     die(str(e))
-    model = model or DEFAULT_MODEL
-    if model.endswith(".pt") and not Path(model).exists():
-        die(f"{model}: no such checkpoint file")
+    model = model or DEFAULT_MODEL  # a missing .pt fails in load_esm with one line; --finalize never loads it
     try:
         out = args.out or default_out_dir(model, args.layer)
     except ValueError as e:

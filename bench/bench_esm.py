@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from tokenfold import esm as E  # noqa: E402
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
-from tokenfold.utils import write_json_atomic  # noqa: E402
+from tokenfold.utils import read_fasta, write_json_atomic  # noqa: E402
 
 SHAPES = {"t6": "esm2_t6_8M_UR50D", "t12": "esm2_t12_35M_UR50D", "t30": "esm2_t30_150M_UR50D",
           "t33": "esm2_t33_650M_UR50D"}
@@ -61,17 +61,7 @@ def load_sequences(max_residues: int) -> tuple[list[tuple[str, str]], str]:
     pairs, source = [], ""
     if SHARED_FASTA.exists():
         source = str(SHARED_FASTA)
-        name, buf = None, []
-        for line in open(SHARED_FASTA):
-            line = line.strip()
-            if line.startswith(">"):
-                if name:
-                    pairs.append((name, "".join(buf)))
-                name, buf = line[1:].split()[0], []
-            elif line:
-                buf.append(line)
-        if name:
-            pairs.append((name, "".join(buf)))
+        pairs = read_fasta(SHARED_FASTA)
     else:
         from tokenfold.prepare import embedded_default_inputs
         from tokenfold.structure import parse_structure_file

@@ -193,7 +193,7 @@ def test_local_chain_runs_every_stage_and_lists_the_reports(local_run):
             assert f"  {j.stage}  {r}" in p.stdout                      # printed at the end
     # the demo's ESM-2 is random, and says so
     emb = json.loads((Path(cfg["EMB_DIR"]) / "manifest.json").read_text())
-    assert "random" in json.dumps(emb).lower()
+    assert emb["random_weights"] is True
 
 
 def shadow_path_without(tmp_path: Path, names: set[str]) -> str:

@@ -127,7 +127,7 @@ def test_resume_and_array_tasks_equal_one_uninterrupted_run(small_db, tmp_path):
     with pytest.raises(SystemExit):
         finalize(cfg)                                   # refuses: shard 1 is not done
     run(cfg, num_tasks=2, task_index=1)                 # the re-run task redoes shard 1 ...
-    run(cfg, num_tasks=2, task_index=0)                 # ... task 0 has nothing left to do
+    assert run(cfg, num_tasks=2, task_index=0) == []   # ... task 0 has nothing left to do
     finalize(cfg)
     a, b = _shard_arrays(ref), _shard_arrays(out)
     assert a.keys() == b.keys() and a == b

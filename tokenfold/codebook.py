@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
-from .utils import _json_default, atomic_path, read_json, sha256_file
+from .utils import _json_default, atomic_path, read_json
 
 log = logging.getLogger("tokenfold.codebook")
 
@@ -167,7 +167,7 @@ class Codebook:
         spath = sha256_path(path)
         if not spath.exists():
             raise CodebookError(f"{path}: no checksum file {spath.name} beside it; refusing to unpickle")
-        expected = spath.read_text().split()[0].strip().lower() if spath.read_text().strip() else ""
+        expected = (spath.read_text().split() or [""])[0].lower()
         blob = path.read_bytes()
         actual = hashlib.sha256(blob).hexdigest()
         if actual != expected:
@@ -249,7 +249,6 @@ def evaluate(cb: Codebook, train: dict, val: dict, seed: int = 0) -> tuple[dict,
             "inertia_sum": float(np.nansum(d[ok])),
             "largest_code_fraction": float(counts.max() / n) if n else float("nan"),
         }
-    out["utilisation_val"] = out["val"]["utilisation"]
     out["meets_utilisation_target_0.95"] = bool(out["val"]["utilisation"] > 0.95)
     # structure content on val residues that have a 3Di letter
     m_va = ok_va & (val["ss"] > 0)
@@ -347,14 +346,16 @@ def run_train_codebook(cfg: CodebookConfig) -> dict:
         from .utils import die
         die(str(e))
     log.info("k-means done in %.1f s (%d mini-batch steps)", cb.meta["fit_seconds"], cb.meta["n_steps"])
-    quality, codes_tr, codes_va = evaluate(cb, train, val if len(val["emb"]) else train, cfg.seed)
+    held_out = val if len(val["emb"]) else train   # no val residues: report on train (warned above)
+    quality, codes_tr, codes_va = evaluate(cb, train, held_out, cfg.seed)
     cb.save(paths["codebook"])
     summary = {"stage": "03_train_codebook", "codebook": paths["codebook"].name,
-               "sha256": sha256_file(paths["codebook"]), "meta": cb.meta, "quality": quality}
+               "sha256": sha256_path(paths["codebook"]).read_text().split()[0],  # written by save()
+               "meta": cb.meta, "quality": quality}
     if random_weights:
         summary["warning"] = (RANDOM_BANNER + ". The NMI / accuracy numbers below are meaningless: they show "
                               "only that the pipeline runs, not whether ESM-2 codes carry structure.")
-    _plots(cb, val if len(val["emb"]) else train, codes_va if len(val["emb"]) else codes_tr, codes_tr,
+    _plots(cb, held_out, codes_va, codes_tr,
            quality, paths, random_weights, cfg.seed)
     from .report import write_report
     write_report(paths["summary"], summary)      # last: its presence means "stage complete"

@@ -497,8 +497,29 @@ class EmbeddingShard:
 
     def get(self, j: int) -> np.ndarray:
         """float16 [L_j, D] of entry j (position in the DB shard)."""
+        return self.get_many([j])[0]
+
+    def get_many(self, js) -> list[np.ndarray]:
+        """float16 [L_j, D] of each entry j, the file opened once."""
         with h5py.File(self.path, "r") as f:
-            return f["emb"][self.offsets[j]:self.offsets[j + 1]]
+            ds = f["emb"]
+            return [ds[self.offsets[j]:self.offsets[j + 1]] for j in js]
+
+    def take(self, rows: np.ndarray, block: int = 1 << 16) -> np.ndarray:
+        """float16 [len(rows), D]: the given rows (sorted), read block by block, so that memory stays
+        at one block of `block` rows instead of the whole shard (a 1% residue sample of a 650M
+        model's shard touches nearly every block but keeps only its rows)."""
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.shape[1]), np.float16)
+        with h5py.File(self.path, "r") as f:
+            ds = f["emb"]
+            bounds = np.searchsorted(rows, np.arange(0, self.shape[0] + block, block))
+            for i in range(len(bounds) - 1):
+                a, b = bounds[i], bounds[i + 1]
+                if a < b:
+                    lo = rows[a]
+                    out[a:b] = ds[lo:rows[b - 1] + 1][rows[a:b] - lo]
+        return out
 
     def load(self) -> np.ndarray:
         """The whole shard, float16 [R, D] (entry j = rows offsets[j]:offsets[j+1])."""
@@ -562,8 +583,7 @@ class EmbeddingStore:
             rows = sh.offsets[local] + pos
             if not np.array_equal(sh.ids, dbs.ids):
                 raise ValueError(f"{sh.path}: ids differ from DB shard {dbs.path} (embeddings made from another DB?)")
-            emb = sh.load()
-            parts["emb"].append(emb[rows].astype(np.float32))
+            parts["emb"].append(sh.take(rows).astype(np.float32))
             parts["entry"].append(entries)
             parts["pos"].append(pos)
             rows_db = dbs.arrays["offsets"][local] + pos
@@ -906,24 +926,34 @@ def finalize(cfg: ExtractConfig) -> dict:
         manifest["shards"] = shards
         manifest["n_residues"] = int(sum(s["n_residues"] for s in shards))
     else:
-        parts = [np.load(_work(cfg.out) / f"sample_{k:05d}.npz") for k in range(n)]
+        # one part (DB shard) in memory at a time: count each split, then fill preallocated datasets.
+        # Entries are global DB indices, so parts in shard order, each sorted by (entry, pos), are in
+        # global residue order.
+        parts = [_work(cfg.out) / f"sample_{k:05d}.npz" for k in range(n)]
+        counts = {"train": 0, "val": 0}
+        for part in parts:
+            with np.load(part) as z:
+                codes = z["split"]
+            for split in counts:
+                counts[split] += int((codes == SPLIT_CODES[split]).sum())
+        cols = (("emb", STORE_DTYPE), ("entry", np.int64), ("pos", np.int32), ("aa", np.uint8), ("ss", np.uint8))
         with atomic_path(cfg.out / "sample.h5", suffix=".h5") as tmp:
             with h5py.File(tmp, "w") as f:
                 f.attrs.update(stamp)
-                counts = {}
-                for split in ("train", "val"):
-                    code = SPLIT_CODES[split]
-                    cols = {c: np.concatenate([p[c][p["split"] == code] for p in parts])
-                            for c in ("entry", "pos", "emb", "aa", "ss")}
-                    order = np.lexsort((cols["pos"], cols["entry"]))
-                    g = f.create_group(split)
-                    for c, dt in (("emb", STORE_DTYPE), ("entry", np.int64), ("pos", np.int32),
-                                  ("aa", np.uint8), ("ss", np.uint8)):
-                        v = cols[c][order].astype(dt)
-                        if c == "emb" and len(v) == 0:
-                            v = np.zeros((0, stamp["dim"]), STORE_DTYPE)
-                        g.create_dataset(c, data=v)
-                    counts[split] = int(len(order))
+                ds = {split: {c: f.create_dataset(f"{split}/{c}", dtype=dt,
+                                                  shape=(n_rows, stamp["dim"]) if c == "emb" else (n_rows,))
+                              for c, dt in cols} for split, n_rows in counts.items()}
+                filled = dict.fromkeys(counts, 0)
+                for part in parts:
+                    with np.load(part) as z:
+                        p = {c: z[c] for c in z.files}
+                    for split in counts:
+                        sel = np.flatnonzero(p["split"] == SPLIT_CODES[split])
+                        sel = sel[np.lexsort((p["pos"][sel], p["entry"][sel]))]
+                        a = filled[split]
+                        for c, dt in cols:
+                            ds[split][c][a:a + len(sel)] = p[c][sel].astype(dt)
+                        filled[split] = a + len(sel)
         manifest["sample"] = {"file": "sample.h5", "seed": cfg.seed, "max_residues": cfg.max_residues,
                               "max_val_residues": cfg.max_val_residues, "n_train": counts["train"],
                               "n_val": counts["val"]}

@@ -260,12 +260,11 @@ class _Esm(_Kind):
     def codes(self, items, k, first_index):
         if self.store is not None:
             sh = self.store.shard(k)
-            embs = []
-            for rec, a, b in items:
-                j = rec.index - first_index
+            js = [rec.index - first_index for rec, _, _ in items]
+            for (rec, _, _), j in zip(items, js):
                 if j >= len(sh) or sh.ids[j] != rec.id:
                     raise ValueError(f"{sh.path}: entry {j} is not {rec.id!r} (embeddings made from another DB?)")
-                embs.append(sh.get(j))
+            embs = sh.get_many(js)
         else:
             embs = self._embed([rec.aa for rec, _, _ in items])
         out = []
