@@ -1,6 +1,7 @@
 """Shared test fixtures. Real data only: ../shared (skipped when absent) or the embedded default."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -11,6 +12,15 @@ from tokenfold import utils
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOKENFOLD_SHARED", ROOT.parent / "shared")) / "data"
 IN_CI = os.environ.get("TOKENFOLD_CI") == "1"
+# a 2-layer, 64-wide `tiny`: stage 05's mechanics tests (resume, DDP) need no capacity
+SMALL_MODEL = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2}
+
+
+def metric_records(run_dir: Path, split: str = "train") -> list[dict]:
+    """The `split` lines of a stage-05 run's metrics.jsonl."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
 
 
 def need_shared(*parts: str) -> Path:

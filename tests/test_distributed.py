@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from conftest import ROOT, foldseek_chains, write_threedi_tokens
+from conftest import ROOT, SMALL_MODEL, foldseek_chains, metric_records, write_threedi_tokens
 from tokenfold.distributed import detect_launch, expand_nodelist, slurm_master_addr
 from tokenfold.train import EXIT_OK, TrainConfig, train
 
@@ -50,18 +50,16 @@ def _free_port() -> int:
 def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
     chains = foldseek_chains(30, 120)
     tok = write_threedi_tokens(tmp_path / "tok", {"train": chains[:24], "val": chains[24:30]})
-    small = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2}
     common = dict(preset="tiny", max_steps=5, lr=2e-3, max_tokens=600, eval_every=5, save_every=0, log_every=1,
                   threads=1, eval_max_examples=None, device="cpu")
     # one process, 2 micro-batches per step
-    one = train(TrainConfig(tokens=str(tok), out=str(tmp_path / "one"), model_overrides=small, grad_accum=2, **common))
+    one = train(TrainConfig(tokens=str(tok), out=str(tmp_path / "one"), model_overrides=SMALL_MODEL, grad_accum=2, **common))
     assert one.exit_code == EXIT_OK
 
     # two processes launched the way srun does (SLURM_* variables), gloo, 1 micro-batch each
     port = _free_port()
     cmd = [sys.executable, str(ROOT / "05_train_lm.py"), "--tokens", str(tok), "--out", str(tmp_path / "two"),
-           "--preset", "tiny", *sum((["--set", f"{k}={v}"] for k, v in small.items()), []), "--max-steps", "5",
+           "--preset", "tiny", *sum((["--set", f"{k}={v}"] for k, v in SMALL_MODEL.items()), []), "--max-steps", "5",
            "--lr", "2e-3", "--max-tokens", "600", "--grad-accum", "1", "--eval-every", "5", "--save-every", "0",
            "--log-every", "1", "--threads", "1", "--eval-max-examples", "100000", "--device", "cpu"]
     procs, logs = [], []
@@ -79,17 +77,14 @@ def test_ddp_gloo_two_processes_equal_one_process(tmp_path):
     for r, p in enumerate(procs):
         assert p.returncode == EXIT_OK, (tmp_path / f"rank{r}.log").read_text()[-3000:]
 
-    def recs(run, split):
-        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
-
     cfg2 = json.loads((tmp_path / "two" / "run_config.json").read_text())
     assert cfg2["world_size"] == 2 and cfg2["launcher"] == "slurm"
-    a, b = recs(tmp_path / "one", "train"), recs(tmp_path / "two", "train")
+    a, b = metric_records(tmp_path / "one", "train"), metric_records(tmp_path / "two", "train")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
     assert [r["tokens_seen"] for r in b] == [r["tokens_seen"] for r in a]      # same global batches
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=2e-5)
     np.testing.assert_allclose([r["grad_norm"] for r in b], [r["grad_norm"] for r in a], rtol=2e-4)
-    va, vb = recs(tmp_path / "one", "val")[-1], recs(tmp_path / "two", "val")[-1]
+    va, vb = metric_records(tmp_path / "one", "val")[-1], metric_records(tmp_path / "two", "val")[-1]
     assert va["n_struct"] == vb["n_struct"]
     np.testing.assert_allclose(vb["loss"], va["loss"], rtol=2e-5)
     assert (tmp_path / "two" / "final" / "model.safetensors").exists()

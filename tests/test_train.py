@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, foldseek_chains, write_threedi_tokens
+from conftest import ROOT, SMALL_MODEL, foldseek_chains, metric_records, write_threedi_tokens
 from tokenfold import checkpoint as ckpt
 from tokenfold.data import TrainStream, padding_fraction, plan_epoch
 from tokenfold.shards import TokenDataset, TokenShardWriter
@@ -20,12 +20,6 @@ from tokenfold.train import EXIT_OK, EXIT_REQUEUE, TrainConfig, train
 from tokenfold.vocab import Vocab
 
 torch.set_num_threads(1)   # 2 shared cores: one thread per process is the fastest and deterministic
-SMALL = {"hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2}   # the mechanics tests need no capacity
-
-
-def _records(run, split="train"):
-    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
 
 
 def test_plan_is_seeded_complete_and_bucketed():
@@ -108,7 +102,7 @@ def test_tiny_preset_overfits_real_proteins(tmp_path):
                             warmup_steps=5, weight_decay=0.0, max_tokens=4096, eval_every=50, log_every=10,
                             save_every=0, threads=1))
     assert res.exit_code == EXIT_OK
-    val = _records(tmp_path / "run", "val")
+    val = metric_records(tmp_path / "run", "val")
     assert val[0]["step"] == 0 and val[0]["acc"] < 0.2                  # starts at chance (1/20)
     assert res.val["step"] == 100 and res.val["acc"] >= 0.95, res.val   # teacher-forced, 3Di tokens
     assert res.val["n_struct"] == sum(len(aa) for _, aa, _ in chains)
@@ -117,7 +111,7 @@ def test_tiny_preset_overfits_real_proteins(tmp_path):
 
 
 def _cfg(tok, out, **kw):
-    base = dict(tokens=str(tok), out=str(out), preset="tiny", model_overrides=SMALL, max_steps=9, lr=2e-3,
+    base = dict(tokens=str(tok), out=str(out), preset="tiny", model_overrides=SMALL_MODEL, max_steps=9, lr=2e-3,
                 max_tokens=700, grad_accum=2, eval_every=4, save_every=4, keep_last=2, log_every=1, threads=1,
                 eval_max_examples=6)
     base.update(kw)
@@ -134,7 +128,7 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path):
     run = tmp_path / "run"
     c = _cfg(tok, run)
     cmd = [sys.executable, str(ROOT / "05_train_lm.py"), "--tokens", c.tokens, "--out", c.out, "--preset", "tiny",
-           *sum((["--set", f"{k}={v}"] for k, v in SMALL.items()), []), "--max-steps", "9", "--lr", "2e-3",
+           *sum((["--set", f"{k}={v}"] for k, v in SMALL_MODEL.items()), []), "--max-steps", "9", "--lr", "2e-3",
            "--max-tokens", "700", "--grad-accum", "2", "--eval-every", "4", "--save-every", "4", "--keep-last", "2",
            "--log-every", "1", "--threads", "1", "--eval-max-examples", "6"]
     log = open(tmp_path / "cli.log", "w")
@@ -142,7 +136,7 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and _records(run):
+        if (run / "metrics.jsonl").exists() and metric_records(run):
             proc.send_signal(signal.SIGTERM)
             break
         time.sleep(0.01)
@@ -161,11 +155,11 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path):
     assert res.exit_code == EXIT_OK and res.step == 9
 
     # same losses, same validation, same weights as the uninterrupted run
-    a, b = _records(tmp_path / "ref"), _records(run)
+    a, b = metric_records(tmp_path / "ref"), metric_records(run)
     assert [r["step"] for r in b] == list(range(1, 10))
     np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6, atol=0)
-    np.testing.assert_allclose([r["loss"] for r in _records(run, "val")],
-                               [r["loss"] for r in _records(tmp_path / "ref", "val")], rtol=1e-6, atol=0)
+    np.testing.assert_allclose([r["loss"] for r in metric_records(run, "val")],
+                               [r["loss"] for r in metric_records(tmp_path / "ref", "val")], rtol=1e-6, atol=0)
     wa, wb = load_file(tmp_path / "ref" / "final" / "model.safetensors"), load_file(run / "final" / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-6, atol=1e-7)

@@ -87,12 +87,18 @@ def save(target: str | os.PathLike, model, vocab: Vocab, trainer_state: dict, in
 
 
 def publish(src: str | os.PathLike, target: str | os.PathLike) -> Path:
-    """Copy a checkpoint directory to `target` (e.g. ``final/``) atomically."""
+    """Make `target` (e.g. ``final/``) a copy of a checkpoint directory, atomically. Files are hard
+    links where the file system allows (a checkpoint's files are never modified in place, and pruning
+    the step directory leaves the links intact): no second copy of a 1B model and its optimizer."""
     src, target = Path(src), Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(src, tmp)
+    try:
+        shutil.copytree(src, tmp, copy_function=os.link)
+    except OSError:  # no hard links here (another file system, or not supported): copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
     _replace_dir(tmp, target)
     return target
 
@@ -114,9 +120,11 @@ def load_trainer_state(ckpt: str | os.PathLike) -> dict:
 
 # ----------------------------------------------------------------------------- RNG states
 def rng_state() -> dict:
-    """This process's RNG states as tensors / plain types (so weights_only loading accepts them)."""
+    """This process's RNG states as tensors / plain types (so weights_only loading accepts them).
+    numpy's uint32 key is stored as int64: a uint32 tensor does not survive pickling (which
+    all_gather_object uses to collect every rank's state) under torch 2.13."""
     np_state = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()),
+    state = {"python": random.getstate(), "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                                                     int(np_state[2]), int(np_state[3]), float(np_state[4])),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -131,28 +139,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def to_numpy_tree(x):
-    """Tensors -> numpy arrays, recursively (to send RNG states between ranks with all_gather_object)."""
-    if isinstance(x, torch.Tensor):
-        return x.numpy()
-    if isinstance(x, dict):
-        return {k: to_numpy_tree(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_numpy_tree(v) for v in x)
-    return x
-
-
-def to_tensor_tree(x):
-    """Inverse of `to_numpy_tree` (numpy arrays -> tensors), so torch.load(weights_only=True) accepts it."""
-    if isinstance(x, np.ndarray):
-        return torch.from_numpy(x.copy())
-    if isinstance(x, dict):
-        return {k: to_tensor_tree(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_tensor_tree(v) for v in x)
-    return x
 
 
 def _as_tuple(x):

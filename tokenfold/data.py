@@ -94,7 +94,7 @@ def cut_batches(order: np.ndarray, lengths: np.ndarray, max_tokens: int, layout:
 
 
 def plan_epoch(lengths: np.ndarray, max_tokens: int, layout: str, seed: int, epoch: int,
-               window: int = 4096, shuffle: bool = True) -> list[np.ndarray]:
+               window: int = 4096) -> list[np.ndarray]:
     """Micro-batches (arrays of example indices) of one epoch; deterministic in (seed, epoch)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
@@ -103,15 +103,13 @@ def plan_epoch(lengths: np.ndarray, max_tokens: int, layout: str, seed: int, epo
         raise ValueError(f"an example of {lengths.max()} tokens exceeds the micro-batch budget of "
                          f"{max_tokens} tokens: raise --max-tokens or lower --max-len")
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
+    order = rng.permutation(len(lengths))
     batches: list[np.ndarray] = []
     for w in range(0, len(order), window):
         chunk = order[w: w + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
         batches.extend(cut_batches(chunk, lengths, max_tokens, layout))
-    if shuffle:
-        batches = [batches[k] for k in rng.permutation(len(batches))]
-    return batches
+    return [batches[k] for k in rng.permutation(len(batches))]
 
 
 def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray, layout: str) -> float:
@@ -154,10 +152,9 @@ def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
     elif layout == "padded":
         T = max(lens)
         ids = np.full((len(examples), T), PAD, dtype=np.int64)
-        labels = np.full((len(examples), T), IGNORE_INDEX, dtype=np.int64)
         for r, e in enumerate(examples):
             ids[r, : len(e)] = e
-            labels[r, : len(e)] = vocab.labels(e)
+        labels = vocab.labels(ids)   # <pad> is never a target
         position_ids = None   # right padding + causal attention: no attention mask needed (docstring)
     else:
         raise ValueError(f"unknown batch layout {layout!r}")
@@ -212,8 +209,11 @@ class TrainStream:
         self.lengths = np.minimum(raw, max_len)        # per usable example, in the order of self.index
         self.epoch, self.pos = 0, 0
         self._plan_epoch, self._plan = -1, []
-        if self.steps_per_epoch(0) == 0:
-            raise ValueError(f"one epoch makes {len(self.plan(0))} micro-batches, fewer than one step needs "
+        plan0 = self.plan(0)   # epoch 0 sets the schedule length and the reported padding
+        self._steps0 = len(plan0) // self.per_step
+        self._padding0 = padding_fraction(plan0, self.lengths, self.layout)
+        if self._steps0 == 0:
+            raise ValueError(f"one epoch makes {len(plan0)} micro-batches, fewer than one step needs "
                              f"({self.per_step} = grad_accum x ranks): lower --max-tokens or --grad-accum")
 
     def plan(self, epoch: int) -> list[np.ndarray]:
@@ -222,11 +222,13 @@ class TrainStream:
             self._plan_epoch = epoch
         return self._plan
 
-    def steps_per_epoch(self, epoch: int = 0) -> int:
-        return len(self.plan(epoch)) // self.per_step
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of epoch 0 (later epochs cut their shuffled order into about as many)."""
+        return self._steps0
 
-    def padding_fraction(self, epoch: int = 0) -> float:
-        return padding_fraction(self.plan(epoch), self.lengths, self.layout)
+    def padding_fraction(self) -> float:
+        """Fraction of padding positions in epoch 0's micro-batches."""
+        return self._padding0
 
     def example(self, i: int) -> np.ndarray:
         """Tokens of usable example i (an index into `lengths`, as in the plan)."""

@@ -130,19 +130,16 @@ def count_params(model, exclude_embeddings: bool = False) -> int:
     return n
 
 
-def flops_per_token(config, attn_len: float, n_matmul_params: int | None = None) -> float:
+def flops_per_token(config, attn_len: float) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B convention.
 
     6 * N (N = parameters that do matmuls: all but the input embedding lookup) plus the attention
     scores/values 12 * layers * (heads * head_dim) * attn_len, where attn_len is the number of keys a
     token attends over without the causal discount: for varlen batches, sum(L_i^2) / sum(L_i).
     """
-    if n_matmul_params is None:
-        d, f, nl = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-        hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
-        q = config.num_attention_heads * hd
-        kv = config.num_key_value_heads * hd
-        per_layer = d * q + 2 * d * kv + q * d + 3 * d * f
-        n_matmul_params = nl * per_layer + config.vocab_size * d
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 6.0 * n_matmul_params + 12.0 * config.num_hidden_layers * config.num_attention_heads * hd * attn_len
+    d, f, nl = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q = config.num_attention_heads * hd
+    kv = config.num_key_value_heads * hd
+    n_matmul_params = nl * (d * q + 2 * d * kv + q * d + 3 * d * f) + config.vocab_size * d
+    return 6.0 * n_matmul_params + 12.0 * nl * q * attn_len

@@ -228,13 +228,19 @@ def plot_curves(metrics_path: Path, png: Path) -> Path | None:
 # ----------------------------------------------------------------------------- the run
 def _compat_fingerprint(cfg: TrainConfig, total_steps: int, layout_name: str, world: int) -> dict:
     """The settings a resumed run must share with the checkpointed one."""
-    d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MUTABLE}
-    if not d.get("struct_input_noise"):
-        d.pop("struct_input_noise", None)  # runs from before the option existed still resume
+    d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MUTABLE | {"max_steps", "epochs"}}
     d.update(total_steps=total_steps, batch_layout=layout_name, microbatches_per_step=cfg.grad_accum * world)
-    d.pop("max_steps", None)
-    d.pop("epochs", None)
     return d
+
+
+def _changed_settings(run_dir: Path, new: dict) -> list[str]:
+    """Settings in `new` that differ from the fingerprint in run_dir/run_config.json (none if there is
+    no such file). A setting the old run does not record (an option added since) counts as its default."""
+    path = run_dir / "run_config.json"
+    if not path.exists():
+        return []
+    old, default = read_json(path)["fingerprint"], asdict(TrainConfig())
+    return sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k, default.get(k)))
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -290,7 +296,7 @@ class Trainer:
                                   layout=self.layout, seed=cfg.seed, grad_accum=cfg.grad_accum,
                                   world_size=dist.world_size, rank=dist.rank, window=cfg.bucket_window,
                                   input_noise=cfg.struct_input_noise)
-        self.steps_per_epoch = self.stream.steps_per_epoch(0)
+        self.steps_per_epoch = self.stream.steps_per_epoch()
         self.total_steps = int(cfg.max_steps) if cfg.max_steps else \
             max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * self.total_steps))
@@ -313,11 +319,12 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def finished_already(self) -> bool:
-        if not self.final_dir.exists() or self.cfg.overwrite:
+        if not self.final_dir.exists():
             return False
-        cfg_path = self.run_dir / "run_config.json"
-        if cfg_path.exists() and read_json(cfg_path)["fingerprint"] != self.fingerprint:
-            raise ValueError(f"{self.run_dir} holds a finished run with other settings: use --overwrite or another --out")
+        diff = _changed_settings(self.run_dir, self.fingerprint)
+        if diff:
+            raise ValueError(f"{self.run_dir} holds a finished run with other settings ({', '.join(diff)}): "
+                             "use --overwrite or another --out")
         return True
 
     def find_resume(self) -> Path | None:
@@ -330,10 +337,8 @@ class Trainer:
                 raise FileNotFoundError(f"--resume: no checkpoint under {self.run_dir}/checkpoints")
         else:
             found = ckpt.resolve(cfg.resume)
-        cfg_path = self.run_dir / "run_config.json"
-        if found is not None and cfg_path.exists():
-            old = read_json(cfg_path)["fingerprint"]
-            diff = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+        if found is not None:
+            diff = _changed_settings(self.run_dir, self.fingerprint)
             if diff:
                 raise ValueError(f"cannot resume {self.run_dir}: settings changed ({', '.join(diff)}); "
                                  "use the same settings, or --overwrite / another --out")
@@ -387,7 +392,7 @@ class Trainer:
             "total_steps": self.total_steps, "warmup_steps": self.warmup, "steps_per_epoch": self.steps_per_epoch,
             "train_examples": len(self.train_ds), "train_tokens": self.train_ds.n_tokens,
             "val_examples": len(self.val_ds) if self.val_ds is not None else 0,
-            "padding_fraction_epoch0": s.padding_fraction(0), "truncated_examples": s.n_truncated,
+            "padding_fraction_epoch0": s.padding_fraction(), "truncated_examples": s.n_truncated,
             "vocab": {"kind": self.vocab.kind, "size": self.vocab.size, "interleaved": self.vocab.interleaved},
             "exit_status": {"finished": EXIT_OK, "stopped_requeue": EXIT_REQUEUE}})
         kept = []
@@ -429,7 +434,7 @@ class Trainer:
 
     def save(self, reason: str) -> None:
         """Checkpoint of this step (all ranks take part: RNG states are gathered to rank 0)."""
-        rng = [ckpt.to_tensor_tree(r) for r in self.dist.gather_objects(ckpt.to_numpy_tree(ckpt.rng_state()))]
+        rng = self.dist.gather_objects(ckpt.rng_state())
         if self.main:
             state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "data": self.stream.state(), "rng": rng,
@@ -497,7 +502,7 @@ class Trainer:
                  "%s; %d steps (%d per epoch), padding %.1f%% of positions", cfg.preset,
                  count_params(self.model) / 1e6, self.attn, self.layout, cfg.max_tokens, cfg.grad_accum,
                  self.dist.world_size, self.precision, self.total_steps, self.steps_per_epoch,
-                 100 * self.stream.padding_fraction(0))
+                 100 * self.stream.padding_fraction())
         if resume_from is None:
             self.validate()                     # the starting point of the curves
         bar = progress(total=self.total_steps, initial=self.step, desc="train") if self.main else _NullBar()
@@ -532,12 +537,13 @@ class Trainer:
 
     def finish(self, wall: float, tok_start: int) -> TrainResult:
         """Final validation, checkpoint, final/, report.json, curves."""
-        self.validate()
+        validated = self.validate() is not None   # validate() also redraws the curves
         if self.saved_step != self.step:
             self.save("final")
         if self.main:
             ckpt.publish(ckpt.step_dir(self.run_dir, self.step), self.final_dir)
-            plot_curves(self.metrics_path, self.run_dir / "curves.png")
+            if not validated:
+                plot_curves(self.metrics_path, self.run_dir / "curves.png")
             self.write_report(wall, tok_start)
             log.info("done: %d steps, %s tokens; final/ at %s", self.step, f"{self.tokens_seen:,}", self.final_dir)
         if self.wandb_run is not None:
@@ -562,7 +568,7 @@ class Trainer:
             "val": self.last_val,
             "useful_tokens_per_s_wall": tps,          # this session, validation and checkpoints included
             "model_flops_per_token": fpt, "model_tflops_per_s_wall": fpt * tps / 1e12,
-            "padding_fraction": s.padding_fraction(0), "batch_layout": self.layout,
+            "padding_fraction": s.padding_fraction(), "batch_layout": self.layout,
             "attn_implementation": self.attn, "precision": self.precision, "world_size": self.dist.world_size,
             "device": str(self.device), "wall_s_this_session": wall, "final_dir": str(self.final_dir)})
 
