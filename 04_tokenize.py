@@ -22,29 +22,31 @@ from tokenfold.utils import add_shard_args, die, resolve_shard, setup_logging
 
 
 def main(argv=None) -> int:
+    d = TokenizeConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", choices=KINDS, default="3di", help="structure token kind (default 3di)")
     p.add_argument("--interleaved", action="store_true",
                    help="interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>)")
     p.add_argument("--db", default=str(layout.DB), help=f"protein DB from stage 01 (default {layout.DB})")
     p.add_argument("--out", default=None, help=f"output directory (default {layout.TOKENS}/<kind>[_interleaved])")
-    p.add_argument("--max-length", type=int, default=1024, help="max residues per example (default 1024)")
-    p.add_argument("--long-policy", choices=LONG_POLICIES, default="crop",
+    p.add_argument("--max-length", type=int, default=d.max_length, help="max residues per example (default %(default)s)")
+    p.add_argument("--long-policy", choices=LONG_POLICIES, default=d.long_policy,
                    help="longer chains: crop = keep one seeded window of --max-length residues (default); "
                         "drop = leave them out. Both are counted in report.json")
-    p.add_argument("--seed", type=int, default=0, help="seed of crop windows and of the geo codebook fit")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of crop windows and of the geo codebook fit")
     p.add_argument("--overwrite", action="store_true", help="redo even if the output is complete")
     p.add_argument("--finalize", action="store_true",
                    help="only the finalize step: check all DB shards are done, write report + manifest")
     p.add_argument("-v", "--verbose", action="store_true")
     g = p.add_argument_group("geo kind")
-    g.add_argument("--geo-k", type=int, default=512, help="geometric codes K (default 512; + START and BREAK)")
+    g.add_argument("--geo-k", type=int, default=d.geo_k, help="geometric codes K (default %(default)s; + START and BREAK)")
     g.add_argument("--geo-codebook", default=None,
                    help=f"geo codebook file (default {layout.GEO}/geo_codebook_K<K>.npz; fit on train chains if missing)")
-    g.add_argument("--geo-fit-max-residues", type=int, default=1_000_000,
-                   help="train residues sampled to fit the geo codebook (default 1,000,000)")
-    g.add_argument("--geo-refine-iters", type=int, default=3, help="closed-loop refinement steps of the fit (default 3)")
-    g.add_argument("--geo-beam", type=int, default=1,
+    g.add_argument("--geo-fit-max-residues", type=int, default=d.geo_fit_max_residues,
+                   help="train residues sampled to fit the geo codebook (default %(default)s)")
+    g.add_argument("--geo-refine-iters", type=int, default=d.geo_refine_iters,
+                   help="closed-loop refinement steps of the fit (default %(default)s)")
+    g.add_argument("--geo-beam", type=int, default=d.geo_beam,
                    help="beam width of the closed-loop encoder (default 1 = greedy; 4 gives ~10%% lower RMSD, ~3x slower)")
     g.add_argument("--fit-geo-only", action="store_true", help="fit (or check) the geo codebook, then exit")
     g.add_argument("--refit-geo", action="store_true", help="refit the geo codebook even if it exists")
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     e.add_argument("--device", default=None, help="torch device for esm/kanzi (default: cuda if available, else cpu)")
     k = p.add_argument_group("kanzi kind")
     k.add_argument("--kanzi-checkpoint", default=None, help="Kanzi checkpoint (.pt); needs the kanzi package")
-    k.add_argument("--kanzi-decode-steps", type=int, default=100, help="SDE steps when decoding Kanzi tokens")
+    k.add_argument("--kanzi-decode-steps", type=int, default=d.kanzi_decode_steps,
+                   help="SDE steps when decoding Kanzi tokens (default %(default)s)")
     add_shard_args(p, "DB shards")
     a = p.parse_args(argv)
     setup_logging(a.verbose)

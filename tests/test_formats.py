@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tokenfold.db import ProteinDB, ProteinRecord, write_shard
-from tokenfold.shards import TokenDataset, TokenShardWriter, shard_done
+from tokenfold.shards import TokenDataset, TokenShardWriter, shard_stem
 from tokenfold.utils import write_json_atomic
 from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab
 
@@ -72,9 +72,10 @@ def test_token_shards_roundtrip(tmp_path):
     w = TokenShardWriter(tmp_path, "train", 0)
     ex = [v.encode("ACD", v.threedi_codes("DVL")), v.encode("MK", v.threedi_codes("PP"))]
     w.add(ex[0], "p1", 5, 3); w.add(ex[1], "p2", 9, 2, crop_start=4)
-    assert not shard_done(tmp_path, "train", 0)
+    index = tmp_path / f"{shard_stem('train', 0)}.idx.npz"
+    assert not index.exists()          # the index appears last, when the shard is complete
     w.close()
-    assert shard_done(tmp_path, "train", 0)
+    assert index.exists()
     w = TokenShardWriter(tmp_path, "train", 1); w.add(ex[1], "p3", 11, 2); w.close()
     ds = TokenDataset(tmp_path, "train")
     assert len(ds) == 3 and ds.ids.tolist() == ["p1", "p2", "p3"]

@@ -23,7 +23,7 @@ from typing import Iterable
 import numpy as np
 
 from .utils import atomic_path, log
-from .vocab import AA_LETTERS, Vocab
+from .vocab import AA_LETTERS, AA_LUT, Vocab
 
 N_AA = len(AA_LETTERS)       # 21 (20 + X)
 OUTSIDE = N_AA               # one-hot slot for "position outside the chain"
@@ -32,11 +32,7 @@ NAMES = ("most_frequent", "per_aa", "window")
 
 def aa_index(aa: str) -> np.ndarray:
     """Amino-acid letters -> 0..20 (AA_LETTERS order; anything unknown is X = 20)."""
-    lut = np.full(256, AA_LETTERS.index("X"), dtype=np.int64)
-    for i, c in enumerate(AA_LETTERS):
-        lut[ord(c)] = i
-        lut[ord(c.lower())] = i
-    return lut[np.frombuffer(aa.encode("ascii"), dtype=np.uint8)]
+    return AA_LUT[np.frombuffer(aa.encode("ascii"), dtype=np.uint8)]
 
 
 def window_features(aa: str, window: int = 7):

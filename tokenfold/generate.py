@@ -411,7 +411,7 @@ def reference_generate(model, vocab: Vocab, seq: str) -> np.ndarray:
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    prompt = torch.as_tensor(vocab.prompt(seq) if not vocab.interleaved else np.array([BOS, vocab.kind_id]))[None].to(device)
+    prompt = torch.as_tensor(vocab.prompt(seq))[None].to(device)
     n_new = (2 * len(seq) if vocab.interleaved else len(seq)) + 1
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                          do_sample=False, num_beams=1, eos_token_id=EOS, pad_token_id=PAD,

@@ -141,10 +141,6 @@ class KanziTokenizer:
             raise RuntimeError(f"Kanzi decoded {x.shape} for {len(codes)} tokens")
         return (x * ANGSTROM_PER_NM).astype(np.float32)
 
-    def encode_many(self, cas) -> list[np.ndarray]:
-        """One chain at a time (Kanzi does not batch encoding)."""
-        return [self.encode(ca) for ca in cas]
-
     def decode_many(self, code_lists) -> list[np.ndarray]:
         return [self.decode(c) for c in code_lists]
 

@@ -12,7 +12,7 @@ A token directory (default ``data/tokens/<name>``; see data/README.md)::
                                      ids <U [n]           protein ids (no pickle needed to read)
 
 The ``.bin`` is written first and the ``.idx.npz`` last, both atomically, so an index file that
-exists always describes a complete shard (the resume test of stage 04 relies on it).
+exists always describes a complete shard (`TokenDataset` lists shards by their index files).
 """
 from __future__ import annotations
 
@@ -65,12 +65,8 @@ class TokenShardWriter:
         with atomic_path(idx_path, suffix=".npz") as tmp:
             np.savez(tmp, offsets=offsets, db_index=np.array(self.db_index, np.int64),
                      crop_start=np.array(self.crop_start, np.int32), n_res=np.array(self.n_res, np.int32),
-                     ids=np.array(self.ids, dtype=str) if self.ids else np.zeros(0, dtype="<U1"))
+                     ids=np.array(self.ids, dtype=str))
         return idx_path
-
-
-def shard_done(root: str | os.PathLike, split: str, shard: int) -> bool:
-    return (Path(root) / f"{shard_stem(split, shard)}.idx.npz").exists()
 
 
 class TokenDataset:

@@ -218,7 +218,9 @@ class _Esm(_Kind):
         elif m.get("embeddings_dir"):
             emb_dir = Path(m["embeddings_dir"])
         else:
-            emb_dir = layout.embeddings_dir(Path(str(m["esm_model"])).stem, int(m["layer"]))
+            from .esm import default_out_dir
+
+            emb_dir = default_out_dir(str(m["esm_model"]), int(m["layer"]))
         self.emb_dir, self.store, self.model = emb_dir, None, None
         if (emb_dir / "manifest.json").exists():
             from .esm import EmbeddingStore

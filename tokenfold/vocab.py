@@ -30,6 +30,18 @@ PAD, BOS, SEP, EOS = 0, 1, 2, 3
 KIND_MARKER = {"3di": 4, "esm": 5, "geo": 6, "kanzi": 7}
 AA_LETTERS = "ACDEFGHIKLMNPQRSTVWYX"
 THREEDI_LETTERS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def letter_lut(letters: str, default: int) -> np.ndarray:
+    """int64 [256]: byte -> position of the letter in `letters` (either case), `default` elsewhere."""
+    lut = np.full(256, default, dtype=np.int64)
+    for i, c in enumerate(letters):
+        lut[ord(c)] = lut[ord(c.lower())] = i
+    return lut
+
+
+AA_LUT = letter_lut(AA_LETTERS, AA_LETTERS.index("X"))   # unknown letters read as X
+THREEDI_LUT = letter_lut(THREEDI_LETTERS, -1)
 IGNORE_INDEX = -100  # label value the HF loss ignores
 
 
@@ -47,10 +59,7 @@ class Vocab:
         self.struct_offset = self.aa_offset + len(AA_LETTERS)
         self.size = self.struct_offset + len(self.struct_symbols)
         self.kind_id = KIND_MARKER[self.kind]
-        self._aa_lut = np.full(256, self.aa_offset + AA_LETTERS.index("X"), dtype=np.int64)
-        for i, c in enumerate(AA_LETTERS):
-            self._aa_lut[ord(c)] = self.aa_offset + i
-            self._aa_lut[ord(c.lower())] = self.aa_offset + i
+        self._aa_lut = AA_LUT + self.aa_offset
 
     # ---- construction / persistence
     @classmethod
@@ -105,11 +114,7 @@ class Vocab:
 
     def threedi_codes(self, ss: str) -> np.ndarray:
         """3Di letters -> codes 0..19 (the order of THREEDI_LETTERS)."""
-        lut = np.full(256, -1, dtype=np.int64)
-        for i, c in enumerate(THREEDI_LETTERS):
-            lut[ord(c)] = i
-            lut[ord(c.lower())] = i
-        codes = lut[np.frombuffer(ss.encode("ascii"), dtype=np.uint8)]
+        codes = THREEDI_LUT[np.frombuffer(ss.encode("ascii"), dtype=np.uint8)]
         if (codes < 0).any():
             raise ValueError(f"not a 3Di letter in {ss!r}")
         return codes
@@ -130,13 +135,10 @@ class Vocab:
         codes = np.asarray(codes)
         if len(codes) != len(aa):
             raise ValueError(f"{len(aa)} residues but {len(codes)} structure tokens")
-        s = self.struct_ids(codes)
+        body = self.struct_ids(codes)
         if self.interleaved:
-            body = np.empty(2 * len(aa), dtype=np.int64)
-            body[0::2] = self.aa_ids(aa)
-            body[1::2] = s
-            return np.concatenate([[BOS, self.kind_id], body, [EOS]]).astype(np.int64)
-        return np.concatenate([self.prompt(aa), s, [EOS]]).astype(np.int64)
+            body = np.stack([self.aa_ids(aa), body], axis=1).reshape(-1)   # a_1 s_1 a_2 s_2 ...
+        return np.concatenate([self.prompt(aa), body, [EOS]]).astype(np.int64)
 
     def decode(self, ids) -> tuple[str, np.ndarray]:
         """Inverse of `encode`: (amino acids, structure codes)."""
