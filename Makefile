@@ -1,5 +1,6 @@
 # The two fresh-machine commands of the README:  `make demo`  and  `make test`.
-# Both create .venv, install torch's CPU build first (pip install torch==2.13.0), then the rest.
+# Both create .venv, install torch first (pip install $(TORCH_SPEC); the CPU wheel where pip's index
+# serves it, the CUDA build from plain PyPI on Linux), then the rest.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

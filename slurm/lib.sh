@@ -80,9 +80,12 @@ _tf_expand_refs() {
 # Sets TF_ROOT, TF_CONFIG (absolute), PY; cds to the repo; creates the log directory.
 tf_init() {
   TF_ROOT=$(tf_find_root)
+  # a relative config path: from the current directory when it is there, else from the repo root
+  # (as tokenfold.config.resolve_config_path reads it)
+  local cfg=${TOKENFOLD_CONFIG:-slurm/config/demo.env}
+  if [ -f "$cfg" ]; then cfg=$(cd "$(dirname "$cfg")" && pwd)/$(basename "$cfg"); fi
   cd "$TF_ROOT" || tf_die "cannot cd to $TF_ROOT"
   export TOKENFOLD_ROOT=$TF_ROOT
-  local cfg=${TOKENFOLD_CONFIG:-slurm/config/demo.env}
   [ -f "$cfg" ] || tf_die "pipeline config not found: $cfg (set TOKENFOLD_CONFIG or pass --config)"
   TF_CONFIG=$(cd "$(dirname "$cfg")" && pwd)/$(basename "$cfg")
   export TOKENFOLD_CONFIG=$TF_CONFIG

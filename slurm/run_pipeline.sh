@@ -95,7 +95,6 @@ if [ $PLAN = 1 ]; then
     if stage_arrayed "$s"; then phases=(array finalize); tasks=$(tf_res "$s" ARRAY 1); fi
     for ph in "${phases[@]}"; do
       [ "$ph" = finalize ] && tasks=1
-      tf_stage_resources "$s" "$([ "$ph" = finalize ] && echo finalize)"
       sbatch_resources "$s" "$([ "$ph" = finalize ] && echo finalize)"
       printf 'stage=%s\tname=%s\tphase=%s\tstatus=%s\ttasks=%s\tscript=%s\tmarker=%s\treports=%s\targs=%s\tcpus=%s\tmem=%s\ttime=%s\tgpus=%s\tpartition=%s\taccount=%s\tqos=%s\tnodes=%s\tntasks_per_node=%s\textra=%s\tsbatch=%s\n' \
         "$s" "$(tf_stage_name "$s")" "$ph" "$st" "$tasks" "$(tf_stage_script "$s")" "$(tf_stage_marker "$s")" "$(tf_stage_reports "$s")" \

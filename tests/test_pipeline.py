@@ -94,6 +94,27 @@ def test_config_errors_name_the_line(tmp_path, bad):
     assert r.returncode != 0 and "bad.env:3" in r.stderr
 
 
+def test_relative_config_path_is_read_from_the_current_directory_in_bash_and_python(tmp_path):
+    (tmp_path / "my.env").write_text(f"TOKENFOLD_DATA={tmp_path}/data\n")
+    r = subprocess.run(["bash", "-c", f'source "{ROOT}/slurm/lib.sh"; tf_init; echo "$TF_CONFIG|$TOKENFOLD_DATA"'],
+                       cwd=tmp_path, env=clean_env(TOKENFOLD_CONFIG="my.env"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == f"{tmp_path / 'my.env'}|{tmp_path}/data"
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert load_config("my.env", env=clean_env())["TOKENFOLD_DATA"] == f"{tmp_path}/data"
+    finally:
+        os.chdir(cwd)
+
+
+def test_slurm_time_limits_in_minutes():
+    from tokenfold.launcher import _minutes
+
+    assert [_minutes(t) for t in ("30", "10:30", "1:00:00", "2-12", "2-12:30", "1-00:00:01")] == \
+        [30, 11, 60, 3600, 3630, 1441]
+
+
 def test_environment_overrides_every_value():
     env = clean_env(TOKENFOLD_DATA="/scratch/x", TOKEN_KIND="geo", S05_ARGS="--max-steps 5")
     cfg = load_config(DEMO, env=env)

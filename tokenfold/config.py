@@ -128,14 +128,6 @@ class PipelineConfig(Mapping):
     def __repr__(self) -> str:
         return f"PipelineConfig({str(self.path)!r}, {len(self)} keys)"
 
-    def int(self, key: str, default: int | None = None) -> int:
-        v = self.get(key, "")
-        if v == "":
-            if default is None:
-                raise KeyError(f"{key} is not set in {self.path}")
-            return default
-        return int(v)
-
     def words(self, key: str) -> list[str]:
         """A *_ARGS value split like the shell does (`S05_ARGS="--max-steps 50"` -> two words)."""
         return shlex.split(self.get(key, ""))

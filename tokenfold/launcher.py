@@ -152,7 +152,7 @@ class StageCommand:
 
 
 def _minutes(t: str) -> int:
-    """SLURM time ([D-]HH:MM:SS, HH:MM:SS, MM:SS, MM) -> minutes (rounded up); '' -> the default."""
+    """SLURM time (D-HH:MM:SS, D-HH:MM, D-HH, HH:MM:SS, MM:SS, MM) -> minutes (rounded up); '' -> the default."""
     if not t:
         return DEFAULT_TIME_MIN
     days = 0
@@ -160,8 +160,8 @@ def _minutes(t: str) -> int:
         d, t = t.split("-", 1)
         days = int(d)
     parts = [int(x) for x in t.split(":")]
-    if len(parts) == 1:
-        h, m, s = 0, parts[0], 0
+    if len(parts) == 1:   # D-HH, or MM
+        h, m, s = (parts[0], 0, 0) if days else (0, parts[0], 0)
     elif len(parts) == 2:
         h, m, s = (parts[0], parts[1], 0) if days else (0, parts[0], parts[1])
     else:
@@ -227,7 +227,7 @@ def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = 
     import submitit
 
     cfg = load_config(config, overrides=overrides)
-    env = {k: v for k, v in cfg.environ({}).items()}
+    env = cfg.environ({})
     env["TOKENFOLD_ROOT"] = str(ROOT)
     jobs = plan(cfg, start, until)
     log_dir = Path(cfg.get("LOG_DIR") or Path(cfg.get("TOKENFOLD_DATA", "data")) / "logs")
