@@ -372,9 +372,7 @@ class Evaluation:
         for key in ("ids", "db_index", "crop_start", "n_breaks", "aa", "nll", "n_targets", "unc_valid", "unc_length_match", "unc_n"):
             P[key] = np.concatenate([p[key] for p in parts])
         P["trace_metrics"] = np.concatenate([p["trace_metrics"] for p in parts], axis=1)
-        for key in ("true_codes", "pred_codes", "tf_codes"):
-            P[key] = [a for p in parts for a in _unragged(p[key], p["offsets"])]
-        for key in ("true_ca", "pred_ca"):
+        for key in ("true_codes", "pred_codes", "tf_codes", "true_ca", "pred_ca"):
             P[key] = [a for p in parts for a in _unragged(p[key], p["offsets"])]
         P["skipped"] = [tuple(s) for p in parts for s in json.loads(str(p["skipped"]))]
         return P

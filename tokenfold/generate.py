@@ -137,9 +137,10 @@ def length_batches(lengths, max_batch: int = 64, max_tokens: int = 65536) -> lis
     return out
 
 
-def _forward(model, ids, cache, attention_mask=None, position_ids=None, keep=1):
+def _forward(model, ids, cache, attention_mask=None, position_ids=None):
+    """Logits of the last position only."""
     out = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
     return out.logits
 
 

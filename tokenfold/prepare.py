@@ -42,10 +42,10 @@ import numpy as np
 from . import structure as S
 from .db import EXCLUDED, FORMAT, SPLITS, VERSION, Chunk, ProteinRecord, write_shard_arrays
 from .utils import atomic_path, my_units, progress, read_json, write_json_atomic, write_text_atomic
+from .vocab import AA_LETTERS, AA_LUT
 
 log = logging.getLogger("tokenfold.prepare")
 
-STD_AA = set("ACDEFGHIKLMNPQRSTVWY")
 # the mmCIF entries MDAnalysisTests ships as real, valid files (the others are deliberately broken,
 # truncated or customised copies); 1YJP ships twice (.cif and .cif.gz): the plain one is used
 _EMBEDDED_MMCIF = ("1BD2.cif.gz", "3KPR.cif.gz", "3PWP.cif.gz", "5PTI.cif.gz", "7ETN.cif.gz", "1YJP.cif")
@@ -329,8 +329,9 @@ def _ingest_chain(res: ItemResult, path: str, base: str, pf: S.ParsedFile, ch: S
 
 
 def _clean_fasta_seq(raw: str) -> str:
-    s = "".join(raw.split()).upper().rstrip("*")
-    return "".join(c if c in STD_AA else "X" for c in s)
+    """Whitespace and a trailing stop removed; anything but the 20 standard letters (either case) -> X."""
+    s = "".join(raw.split()).rstrip("*")
+    return _AA_LUT[np.frombuffer(s.encode("latin-1", "replace"), dtype=np.uint8)].tobytes().decode("ascii")
 
 
 def ingest_fasta_range(path: str, offsets: np.ndarray, a: int, b: int, opts: PrepareOptions) -> ItemResult:
@@ -355,10 +356,8 @@ def ingest_fasta_range(path: str, offsets: np.ndarray, a: int, b: int, opts: Pre
     return res
 
 
-# ASCII -> our amino-acid alphabet (20 standard letters, everything else X), as a lookup table
-_AA_LUT = np.full(256, ord("X"), dtype=np.uint8)
-for _c in "ACDEFGHIKLMNPQRSTVWY":
-    _AA_LUT[ord(_c)] = _AA_LUT[ord(_c.lower())] = ord(_c)
+# byte -> the letter byte of our amino-acid alphabet (20 standard letters, either case; else X)
+_AA_LUT = np.frombuffer(AA_LETTERS.encode("ascii"), dtype=np.uint8)[AA_LUT]
 
 
 def ingest_foldseek_range(prefix: str, a: int, b: int, opts: PrepareOptions) -> ItemResult:
