@@ -16,7 +16,6 @@ time and the host load are printed too.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import resource
 import shutil
@@ -47,7 +46,7 @@ def time_shard(plan: P.Plan, workers: int, repeats: int = 1) -> dict:
         cpu0, ch0 = _cpu()
         t0 = time.perf_counter()
         for _ in range(repeats):
-            pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
+            pool = P.make_pool(workers) if workers > 1 else None
             try:
                 rep = P.build_shard(out, plan, 0, pool)
             finally:

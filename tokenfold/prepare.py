@@ -429,8 +429,30 @@ def _tsv_line(*cols) -> str:
     return "\t".join(str(c).replace("\t", " ").replace("\n", " ") for c in cols) + "\n"
 
 
+def _one_blas_thread() -> None:
+    """Structure parsing and 3Di make many tiny numpy matrix products, on which OpenBLAS's threads only
+    spin: the shared structures took 10.7 CPU-s with numpy's default threads and 5.3 CPU-s with one
+    (5.4 s wall either way on 2 cores), so 2 worker processes could not run faster than 1. One BLAS
+    thread per process (the main one and every pool worker) makes workers scale."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
+def make_pool(workers: int):
+    """Worker processes for structure files (fork where available), each with one BLAS thread."""
+    return mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers, initializer=_one_blas_thread)
+
+
 def build_shard(out: Path, plan: Plan, k: int, pool=None) -> dict:
     """Ingest the items of DB shard k and write its files (h5 last). Returns the shard report."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):   # see _one_blas_thread
+        return _build_shard(out, plan, k, pool)
+
+
+def _build_shard(out: Path, plan: Plan, k: int, pool) -> dict:
     opts = PrepareOptions(**plan.options)
     lo, hi = plan.shard_range(k)
     t0 = time.time()
@@ -576,7 +598,7 @@ def run(inputs: Inputs, out: str | os.PathLike, opts: PrepareOptions | None = No
         pool = None
         try:
             if workers > 1 and todo and plan.structure_files:
-                pool = mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers)
+                pool = make_pool(workers)
             for k in todo:
                 build_shard(out, plan, k, pool)
                 built += 1
