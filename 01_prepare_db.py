@@ -11,7 +11,8 @@ import os
 import sys
 
 from tokenfold import layout
-from tokenfold.utils import add_shard_args, die, resolve_shard, setup_logging
+from tokenfold.cli import die, setup_logging
+from tokenfold.sharding import add_shard_args, resolve_shard
 
 EPILOG = """\
 outputs (in --out):

@@ -19,10 +19,22 @@ import sys
 from pathlib import Path
 
 from tokenfold import layout
-from tokenfold.esm import (DEFAULT_MODEL, DEFAULT_RANDOM_SHAPE, ESM2_MODELS, OVERLAP, RANDOM_BANNER, WINDOW,
-                           EsmLoadError, ExtractConfig, default_out_dir, ensure_random_checkpoint, finalize,
-                           run_extract)
-from tokenfold.utils import add_shard_args, die, resolve_shard, setup_logging
+from tokenfold.cli import die, setup_logging
+from tokenfold.esm import (
+    DEFAULT_MODEL,
+    DEFAULT_RANDOM_SHAPE,
+    ESM2_MODELS,
+    OVERLAP,
+    RANDOM_BANNER,
+    WINDOW,
+    EsmLoadError,
+    ExtractConfig,
+    default_out_dir,
+    ensure_random_checkpoint,
+    finalize,
+    run_extract,
+)
+from tokenfold.sharding import add_shard_args, resolve_shard
 
 
 def build_parser() -> argparse.ArgumentParser:

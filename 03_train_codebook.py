@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 from tokenfold import layout
+from tokenfold.cli import die, setup_logging
 from tokenfold.codebook import CodebookConfig, CodebookError, find_embeddings, run_train_codebook
-from tokenfold.utils import die, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

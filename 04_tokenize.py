@@ -17,8 +17,9 @@ import argparse
 import sys
 
 from tokenfold import layout
+from tokenfold.cli import die, setup_logging
+from tokenfold.sharding import add_shard_args, resolve_shard
 from tokenfold.tokenize import KINDS, LONG_POLICIES, TokenizeConfig, ensure_geo_codebook, finalize, run
-from tokenfold.utils import add_shard_args, die, resolve_shard, setup_logging
 
 
 def main(argv=None) -> int:

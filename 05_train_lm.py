@@ -22,9 +22,9 @@ import argparse
 import sys
 
 from tokenfold import layout
+from tokenfold.cli import die, setup_logging
 from tokenfold.model import PRESETS, parse_overrides
 from tokenfold.train import EXIT_REQUEUE, TrainConfig, default_out, run_cli
-from tokenfold.utils import die, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from tokenfold import layout
+from tokenfold.cli import die, seed_everything, setup_logging
 from tokenfold.predict import add_decoding_args, sampling_from_args
-from tokenfold.utils import add_shard_args, die, resolve_shard, seed_everything, setup_logging
+from tokenfold.sharding import add_shard_args, resolve_shard
 
 
 def main(argv=None) -> int:

@@ -43,8 +43,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from tokenfold import esm as E  # noqa: E402
+from tokenfold.artifacts import write_json_atomic  # noqa: E402
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
-from tokenfold.utils import read_fasta, write_json_atomic  # noqa: E402
+from tokenfold.device import pick_device  # noqa: E402
+from tokenfold.fasta import read_fasta  # noqa: E402
 
 SHAPES = {"t6": "esm2_t6_8M_UR50D", "t12": "esm2_t12_35M_UR50D", "t30": "esm2_t30_150M_UR50D",
           "t33": "esm2_t33_650M_UR50D"}
@@ -132,13 +134,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["t6", "t12"], choices=list(SHAPES))
     ap.add_argument("--max-residues", type=int, default=20000)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="auto", help="auto (a GPU when visible, else the CPU), cpu, cuda")
     ap.add_argument("--toks-per-batch", type=int, default=None, help="ours (default: stage 02's default)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    args.device = pick_device(args.device).type    # the reference loop knows "cuda" or "cpu"
     seqs, source = load_sequences(args.max_residues)
     n_res = sum(len(s) for _, s in seqs)
     lens = np.array([len(s) for _, s in seqs])

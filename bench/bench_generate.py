@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenfold.evaluate import pick_device, pick_dtype  # noqa: E402
+from tokenfold.device import pick_device, pick_dtype  # noqa: E402
 from tokenfold.generate import generate, reference_generate  # noqa: E402
 from tokenfold.vocab import AA_LETTERS, Vocab  # noqa: E402
 
@@ -43,7 +43,7 @@ SHARED_FASTA = ROOT.parent / "shared" / "data" / "foldseek_db" / "shared_aa.fast
 def load_sequences(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], str]:
     seqs, source = [], ""
     if SHARED_FASTA.exists():
-        from tokenfold.utils import read_fasta
+        from tokenfold.fasta import read_fasta
 
         seqs = [s for _, s in read_fasta(SHARED_FASTA)]
         source = str(SHARED_FASTA)
@@ -82,8 +82,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
-    device = torch.device(pick_device(a.device))
-    dtype = pick_dtype(a.dtype, str(device))
+    device = pick_device(a.device)
+    dtype = pick_dtype(a.dtype, device)
     if a.checkpoint:
         from tokenfold.checkpoint import load_for_inference
 

@@ -41,11 +41,11 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tokenfold.artifacts import write_json_atomic  # noqa: E402
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
 from tokenfold.geotokens import GeoCodebook, open_loop_codes, reconstruction_rmsd, segment_starts  # noqa: E402
 from tokenfold.metrics import segment_rmsd  # noqa: E402
 from tokenfold.structure import encode_3di, parse_structure_file  # noqa: E402
-from tokenfold.utils import write_json_atomic  # noqa: E402
 
 SHARED = Path(os.environ.get("TOKENFOLD_SHARED", ROOT.parent / "shared")) / "data" / "structures"
 TRAIN_FOLDERS = ("db55_unbound", "dips_test_complexes")

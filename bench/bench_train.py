@@ -28,7 +28,6 @@ training. Examples longer than 1024 tokens are truncated in both recipes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import tempfile
@@ -42,10 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tokenfold.data import TrainStream, collate, layout_for  # noqa: E402
+from tokenfold.device import autocast, dtype_name, pick_device, pick_dtype  # noqa: E402
+from tokenfold.fasta import read_fasta  # noqa: E402
 from tokenfold.model import build_config, build_model, flops_per_token, pick_attention  # noqa: E402
 from tokenfold.shards import TokenDataset, TokenShardWriter  # noqa: E402
-from tokenfold.train import make_optimizer, TrainConfig, token_stats  # noqa: E402
-from tokenfold.utils import read_fasta  # noqa: E402
+from tokenfold.train import TrainConfig, make_optimizer, token_stats  # noqa: E402
 from tokenfold.vocab import IGNORE_INDEX, PAD, Vocab  # noqa: E402
 
 REF_LEN = 1024
@@ -124,16 +124,13 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
+    device = pick_device(a.device)
     gpu = device.type == "cuda"
     max_tokens = a.max_tokens or (16384 if gpu else 4096)
     n_steps = a.steps or (40 if gpu else 12)
     attn = pick_attention(device, a.attn)
     layout = layout_for(attn)
-    amp = torch.bfloat16 if gpu else None
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    amp = pick_dtype("auto", device)
 
     def clock():
         sync(device)
@@ -163,7 +160,7 @@ def main(argv=None) -> int:
             t0, c0 = clock()
             for bi in batches:
                 b = collate([stream.example(i) for i in bi], vocab, layout)
-                with autocast():
+                with autocast(device, amp):
                     logits = model(**b.model_inputs(device), use_cache=False).logits
                 loss_sum, _ = token_stats(logits, b.labels, vocab.struct_offset)
                 (loss_sum / max(b.n_loss, 1)).backward()
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
                 for r, i in enumerate(bi):
                     e = stream.example(i).astype(np.int64)          # truncated at 1024, as ours
                     ids[r, : len(e)], lab[r, : len(e)], mask[r, : len(e)] = e, vocab.labels(e), 1
-                with autocast():
+                with autocast(device, amp):
                     out = model(input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device),
                                 labels=torch.from_numpy(lab).to(device), use_cache=False)
                 out.loss.backward()
@@ -221,7 +218,7 @@ def main(argv=None) -> int:
     attn_len = float((lens ** 2).sum() / lens.sum())
     out = {"device": torch.cuda.get_device_name(device) if gpu else f"cpu ({torch.get_num_threads()} threads)",
            "preset": a.preset, "overrides": a.overrides, "attn": attn, "layout": layout,
-           "precision": "bf16" if amp else "fp32", "examples_in_dataset": int(len(ds)),
+           "precision": dtype_name(amp), "examples_in_dataset": int(len(ds)),
            "examples_measured": int(len(used)), "max_tokens": max_tokens, "ref_batch": ref_b,
            "steps_per_round": n_steps, "rounds": a.rounds}
     for name, st in state.items():

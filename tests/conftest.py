@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenfold import utils
+from tokenfold.fasta import read_fasta as _read_fasta
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TOKENFOLD_SHARED", ROOT.parent / "shared")) / "data"
@@ -95,7 +95,7 @@ def small_db(tmp_path_factory) -> Path:
 
 def read_fasta(path) -> dict[str, str]:
     """{first word of header: sequence} of a FASTA file."""
-    return dict(utils.read_fasta(path))
+    return dict(_read_fasta(path))
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,18 @@ from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import normalized_mutual_info_score
 
 from tokenfold import esm as E
-from tokenfold.codebook import (Codebook, CodebookConfig, CodebookError, evaluate, find_embeddings, fit_codebook,
-                                outputs, run_train_codebook)
+from tokenfold.artifacts import read_json
+from tokenfold.codebook import (
+    Codebook,
+    CodebookConfig,
+    CodebookError,
+    evaluate,
+    find_embeddings,
+    fit_codebook,
+    outputs,
+    run_train_codebook,
+)
 from tokenfold.db import ProteinDB
-from tokenfold.utils import read_json
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from tokenfold import esm as E
+from tokenfold.artifacts import read_json
 from tokenfold.db import ProteinDB
-from tokenfold.utils import read_json
 
 AA = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -133,9 +133,6 @@ def test_batching_does_not_change_results(tiny):
         assert a.dtype == np.float32
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
         np.testing.assert_allclose(a, c, atol=1e-5, rtol=1e-4)
-    b = E.plan_batches([len(s) for s in seqs], 200)
-    assert sorted(i for bb in b for i in bb) == list(range(len(seqs)))
-    assert all(len(bb) == 1 or len(bb) * (max(len(seqs[i]) for i in bb) + 2) <= 200 for bb in b)
 
 
 def test_layers_and_bad_layer(tiny):

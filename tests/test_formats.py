@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
+from tokenfold.artifacts import write_json_atomic
 from tokenfold.db import ProteinDB, ProteinRecord, write_shard
 from tokenfold.shards import TokenDataset, TokenShardWriter, shard_stem
-from tokenfold.utils import write_json_atomic
 from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab
 
 
@@ -89,7 +89,7 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     """mkstemp's private 0600 must not leak into artifacts that a cluster group shares."""
     import os
 
-    from tokenfold.utils import write_text_atomic
+    from tokenfold.artifacts import write_text_atomic
 
     old = os.umask(0o022)
     try:

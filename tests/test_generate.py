@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from tokenfold.generate import Sampling, generate, length_batches, reference_generate, teacher_forced
+from tokenfold.generate import Sampling, generate, reference_generate, teacher_forced
 from tokenfold.vocab import AA_LETTERS, EOS, Vocab
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -157,13 +156,3 @@ def test_teacher_forced_scores_match_a_plain_forward():
     greedy = generate(m, v, seqs)
     tf = teacher_forced(m, v, [v.encode(s, g.codes) for s, g in zip(seqs, greedy)])
     assert all(np.array_equal(t.pred_codes, g.codes) for t, g in zip(tf, greedy))
-
-
-def test_length_batches():
-    lengths = [5, 100, 7, 60, 61, 300, 8]
-    batches = length_batches(lengths, max_batch=3, max_tokens=200)
-    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
-    for b in batches:
-        assert len(b) <= 3
-        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 200
-    assert [lengths[b[0]] for b in batches] == sorted((lengths[b[0]] for b in batches), reverse=True)

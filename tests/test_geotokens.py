@@ -1,9 +1,9 @@
 """Geo tokens: held-out reconstruction on real chains, chain breaks, short chains, persistence."""
 import numpy as np
 import pytest
-
 from conftest import need_shared
-from tokenfold.geotokens import GAP_OFFSET, GeoCodebook, segment_starts, open_loop_codes, reconstruction_rmsd
+
+from tokenfold.geotokens import GAP_OFFSET, GeoCodebook, open_loop_codes, reconstruction_rmsd, segment_starts
 from tokenfold.metrics import segment_rmsd
 from tokenfold.structure import parse_structure_file
 from tokenfold.vocab import Vocab
@@ -161,7 +161,7 @@ def test_save_load_is_deterministic_and_pickle_free(fitted, tmp_path):
 
 
 def test_from_vocab_finds_the_codebook(tmp_path, fitted):
-    from tokenfold.utils import sha256_file
+    from tokenfold.artifacts import sha256_file
 
     cb = GeoCodebook.fit([(c.ca, None) for c in fitted[1][:10]], K=16, refine_iters=0)
     path = cb.save(tmp_path / "geo" / "cb.npz")

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tokenfold.artifacts import write_json_atomic
 from tokenfold.db import ProteinDB, ProteinRecord, write_shard
 from tokenfold.geotokens import GeoCodebook, segment_starts
 from tokenfold.metrics import segment_rmsd
 from tokenfold.shards import TokenDataset
 from tokenfold.tokenize import TokenizeConfig, crop_window, ensure_geo_codebook, finalize, run
-from tokenfold.utils import write_json_atomic
 from tokenfold.vocab import BOS, EOS, Vocab
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ classifier's coefficients; prediction is a sparse matrix product, no scikit-lear
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,10 @@ from typing import Iterable
 
 import numpy as np
 
-from .utils import atomic_path, log
+from .artifacts import atomic_path
 from .vocab import AA_LETTERS, AA_LUT, Vocab
+
+log = logging.getLogger("tokenfold.baselines")
 
 N_AA = len(AA_LETTERS)       # 21 (20 + X)
 OUTSIDE = N_AA               # one-hot slot for "position outside the chain"

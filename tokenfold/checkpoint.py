@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .utils import write_json_atomic
+from .artifacts import write_json_atomic
 from .vocab import Vocab
 
 log = logging.getLogger("tokenfold.checkpoint")
@@ -172,19 +172,19 @@ def resolve(path: str | os.PathLike) -> Path:
     raise FileNotFoundError(f"{path}: neither a checkpoint (config.json) nor a run directory with one")
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu", dtype=None,
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "auto", dtype="auto",
                        attn_implementation: str | None = None):
     """(model in eval mode on `device`, Vocab) from a checkpoint or run directory (stage 06's entry point).
 
-    dtype: default bf16 on a GPU, fp32 on CPU. attn_implementation: default SDPA (flash-attn when
+    device, dtype: `tokenfold.device` (auto: the GPU in bf16, else the CPU in fp32). attn_implementation: default SDPA (flash-attn when
     installed and on a GPU; see `tokenfold.model.pick_attention`).
     """
+    from .device import pick_device, pick_dtype
     from .model import pick_attention
 
     path = resolve(path)
-    device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device)
     if attn_implementation is None:
         attn_implementation = pick_attention(device)
     vocab = Vocab.load(path / "vocab.json")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
-from .utils import _json_default, atomic_path, read_json
+from .artifacts import atomic_path, json_default, read_json
 
 log = logging.getLogger("tokenfold.codebook")
 
@@ -96,7 +96,7 @@ class Codebook:
         self.centroids = np.ascontiguousarray(self.centroids, dtype=np.float32)
         # plain JSON types only (numpy scalars, Paths, str subclasses become plain values): the meta is
         # unpickled by the numpy-only unpickler of `load` and written into the summary JSON
-        self.meta = json.loads(json.dumps(dict(self.meta), default=_json_default))
+        self.meta = json.loads(json.dumps(dict(self.meta), default=json_default))
         self.meta.setdefault("normalize", False)
         self.meta.setdefault("K", int(self.centroids.shape[0]))
         self._c_sq = (self.centroids.astype(np.float64) ** 2).sum(1).astype(np.float32)
@@ -343,7 +343,7 @@ def run_train_codebook(cfg: CodebookConfig) -> dict:
         cb = fit_codebook(train["emb"], cfg.k, cfg.seed, cfg.normalize, cfg.batch_size, cfg.max_iter, cfg.n_init,
                           meta)
     except ValueError as e:
-        from .utils import die
+        from .cli import die
         die(str(e))
     log.info("k-means done in %.1f s (%d mini-batch steps)", cb.meta["fit_seconds"], cb.meta["n_steps"])
     held_out = val if len(val["emb"]) else train   # no val residues: report on train (warned above)

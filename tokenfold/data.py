@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .batching import budget_batches
 from .shards import TokenDataset
 from .vocab import EOS, IGNORE_INDEX, PAD, Vocab
 
@@ -71,28 +72,6 @@ def layout_for(attn_implementation: str) -> str:
 
 
 # ----------------------------------------------------------------------------- planning
-def cut_batches(order: np.ndarray, lengths: np.ndarray, max_tokens: int, layout: str) -> list[np.ndarray]:
-    """Greedy cut of `order` (already length-sorted, longest first) into micro-batches under the budget.
-
-    padded: n_rows * longest_row <= max_tokens;  packed: sum of lengths <= max_tokens.
-    """
-    batches, cur, longest, total = [], [], 0, 0
-    for i in order:
-        n = int(lengths[i])
-        if layout == "padded":
-            fits = (len(cur) + 1) * max(longest, n) <= max_tokens
-        else:
-            fits = total + n <= max_tokens
-        if cur and not fits:
-            batches.append(np.array(cur, dtype=np.int64))
-            cur, longest, total = [], 0, 0
-        cur.append(int(i))
-        longest, total = max(longest, n), total + n
-    if cur:
-        batches.append(np.array(cur, dtype=np.int64))
-    return batches
-
-
 def plan_epoch(lengths: np.ndarray, max_tokens: int, layout: str, seed: int, epoch: int,
                window: int = 4096) -> list[np.ndarray]:
     """Micro-batches (arrays of example indices) of one epoch; deterministic in (seed, epoch)."""
@@ -108,7 +87,7 @@ def plan_epoch(lengths: np.ndarray, max_tokens: int, layout: str, seed: int, epo
     for w in range(0, len(order), window):
         chunk = order[w: w + window]
         chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches.extend(cut_batches(chunk, lengths, max_tokens, layout))
+        batches.extend(budget_batches(lengths, max_tokens, padded=layout == "padded", order=chunk))
     return [batches[k] for k in rng.permutation(len(batches))]
 
 
@@ -264,7 +243,7 @@ def eval_batches(ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: in
     if max_examples is not None and len(idx) > max_examples:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_examples, replace=False))
     order = idx[np.argsort(-lengths[idx], kind="stable")]
-    batches = cut_batches(order, lengths, max_tokens, layout)
+    batches = budget_batches(lengths, max_tokens, padded=layout == "padded", order=order)
     return [collate([ds[int(i)][:max_len] for i in b], vocab, layout) for b in batches[rank::world_size]]
 
 

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from .utils import atomic_path, read_manifest
+from .artifacts import atomic_path, read_manifest
 
 FORMAT = "tokenfold-db"
 VERSION = 1

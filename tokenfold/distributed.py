@@ -160,12 +160,11 @@ class Dist:
 
 def init(device: str = "auto", timeout_min: float = 30.0) -> Dist:
     """Join (or create) the process group; pick this rank's device ('auto': cuda:LOCAL_RANK if any GPU)."""
+    from .device import pick_device
+
     launch = detect_launch()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = pick_device(device, launch.local_rank)
     if dev.type == "cuda":
-        dev = torch.device("cuda", launch.local_rank % max(torch.cuda.device_count(), 1) if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
     if launch.world_size == 1:
         return Dist(0, 1, 0, dev, launch.launcher)

@@ -42,7 +42,6 @@ Four parts, in file order:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import os
@@ -61,7 +60,10 @@ import torch
 import torch.nn.functional as F
 
 from . import layout
-from .utils import atomic_path, my_units, read_json, read_manifest, write_json_atomic
+from .artifacts import atomic_path, read_json, read_manifest, write_json_atomic
+from .batching import budget_batches
+from .device import autocast, pick_device, pick_dtype
+from .sharding import my_units
 
 log = logging.getLogger("tokenfold.esm")
 
@@ -291,23 +293,6 @@ def windows(L: int, window: int = WINDOW, overlap: int = OVERLAP) -> list[tuple[
     return [(starts[k], ends[k], cuts[k], cuts[k + 1]) for k in range(n)]
 
 
-def plan_batches(lengths: Sequence[int], toks_per_batch: int, extra: int = 2) -> list[list[int]]:
-    """Indices grouped into batches, longest first; a batch's padded size (n * (max_len+extra)) stays within
-    `toks_per_batch` (a single item longer than that goes alone). Like fair-esm's get_batch_indices."""
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches, cur, cur_max = [], [], 0
-    for i in order:
-        sz = lengths[i] + extra
-        if cur and max(cur_max, sz) * (len(cur) + 1) > toks_per_batch:
-            batches.append(cur)
-            cur, cur_max = [], 0
-        cur.append(i)
-        cur_max = max(cur_max, sz)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 _TOKEN_TABLES: dict[int, np.ndarray] = {}
 
 
@@ -393,19 +378,6 @@ def default_toks_per_batch(device: torch.device) -> int:
     return min(4096, 1024 * max(1, torch.get_num_threads()))
 
 
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """None means plain fp32. auto: bf16 on GPUs that have it, else fp16; fp32 on CPU."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    raise ValueError(f"unknown precision {precision!r} (auto, fp32, bf16, fp16)")
-
-
 def embed(model, alphabet, seqs: Sequence[str], toks_per_batch: int | None = None, layer: int | None = None,
           device: str | torch.device | None = None, window: int = WINDOW, truncate: bool = False,
           overlap: int = OVERLAP, precision: str = "auto", fast: bool = True,
@@ -427,7 +399,7 @@ def embed(model, alphabet, seqs: Sequence[str], toks_per_batch: int | None = Non
     if next(model.parameters()).device != device:
         model.to(device)
     toks_per_batch = toks_per_batch or default_toks_per_batch(device)
-    amp = autocast_dtype(device, precision)
+    amp = pick_dtype(precision, device)
     D = model.embed_dim
 
     # work items: (sequence, window start, end, keep_from, keep_to)
@@ -443,9 +415,8 @@ def embed(model, alphabet, seqs: Sequence[str], toks_per_batch: int | None = Non
     def run(batch: list[int]) -> None:
         chunk = [seqs[items[j][0]][items[j][1]:items[j][2]] for j in batch]
         toks = tokenize(alphabet, chunk).to(device, non_blocking=True)
-        ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
         try:
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), autocast(device, amp):
                 if fast:
                     rep = forward_repr(model, toks, layer)
                 else:
@@ -468,7 +439,7 @@ def embed(model, alphabet, seqs: Sequence[str], toks_per_batch: int | None = Non
         if on_batch is not None:
             on_batch(n_res)
 
-    for batch in plan_batches(lengths, toks_per_batch):
+    for batch in budget_batches(lengths, toks_per_batch, extra=2):   # + <cls>, <eos>
         run(batch)
     return out
 
@@ -681,24 +652,11 @@ def _work(out: Path) -> Path:
     return out / "work"
 
 
-def _blocks(lengths: np.ndarray, block_residues: int) -> list[tuple[int, int]]:
-    """Consecutive entry ranges [a, b) of about `block_residues` residues (at least one entry each)."""
-    blocks, a, acc = [], 0, 0
-    for j, L in enumerate(lengths):
-        if acc and acc + L > block_residues:
-            blocks.append((a, j))
-            a, acc = j, 0
-        acc += int(L)
-    if a < len(lengths) or not blocks:
-        blocks.append((a, len(lengths)))
-    return blocks
-
-
 class _Meter:
     """Progress bar in residues (tqdm shows residues/s) plus a log line every `every` seconds."""
 
     def __init__(self, total: int, desc: str, every: float = 30.0):
-        from .utils import progress
+        from .cli import progress
 
         self.bar = progress(total=total, desc=desc, unit="res", unit_scale=True)
         self.total, self.done, self.desc, self.every = total, 0, desc, every
@@ -734,7 +692,8 @@ def _embed_db_shard(cfg: ExtractConfig, k: int, shard, model, alphabet, info: di
     aa = a["aa"].tobytes().decode("ascii")
     lengths = np.diff(offsets)
     seqs = [aa[offsets[j]:offsets[j + 1]] for j in range(len(ids))]
-    blocks = _blocks(lengths, cfg.block_residues)
+    blocks = [(int(b[0]), int(b[-1]) + 1) for b in
+              budget_batches(lengths, cfg.block_residues, padded=False, order=np.arange(len(lengths)))] or [(0, 0)]
     todo = [b for b in range(len(blocks)) if not (parts_dir / f"part_{b:05d}.npy").exists()]
     if len(todo) < len(blocks):
         log.info("DB shard %d: resuming, %d of %d blocks already done", k, len(blocks) - len(todo), len(blocks))
@@ -817,7 +776,7 @@ def _check_existing(cfg: ExtractConfig, mode: str) -> bool:
     if mpath.exists():
         m = read_json(mpath)
         if m.get("mode") != mode:
-            from .utils import die
+            from .cli import die
             die(f"{cfg.out} already holds mode={m.get('mode')} embeddings; pass --overwrite or another --out")
         return True
     return False
@@ -825,7 +784,7 @@ def _check_existing(cfg: ExtractConfig, mode: str) -> bool:
 
 def run_extract(cfg: ExtractConfig, num_tasks: int = 1, task_index: int = 0) -> list[dict]:
     """One array task of stage 02: embeds its DB shards (full mode) or its part of the sample."""
-    from .db import ProteinDB, SPLIT_CODES
+    from .db import SPLIT_CODES, ProteinDB
 
     db = ProteinDB(cfg.db)
     mode = "sample" if cfg.max_residues is not None else "full"
@@ -842,14 +801,14 @@ def run_extract(cfg: ExtractConfig, num_tasks: int = 1, task_index: int = 0) -> 
     if not pending:
         log.info("task %d/%d: all %d of its DB shards are done", task_index, num_tasks, len(units))
         return []
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(cfg.device)
     model, alphabet, info = load_esm(cfg.model, allow_random=cfg.random_weights_for_testing, device=device)
     layer = resolve_layer(info["num_layers"], cfg.layer)
     cfg.out.mkdir(parents=True, exist_ok=True)
     stamp = _stamp(cfg, info, layer)
     stamp_path = _work(cfg.out) / "stamp.json"
     if stamp_path.exists() and read_json(stamp_path) != stamp:
-        from .utils import die
+        from .cli import die
         die(f"{cfg.out} holds unfinished work made with other settings ({stamp_path}); pass --overwrite")
     write_json_atomic(stamp_path, stamp)
     log.info("task %d/%d: %s mode, %d DB shards to do (%s), %s layer %d, device %s%s", task_index, num_tasks, mode,
@@ -891,8 +850,8 @@ def _clear_outputs(cfg: ExtractConfig, db, num_tasks: int, task_index: int) -> N
 
 def finalize(cfg: ExtractConfig) -> dict:
     """Check every DB shard is done, write sample.h5 (sample mode), report.json/.png, then manifest.json."""
-    from .db import ProteinDB, SPLIT_CODES
-    from .utils import die
+    from .cli import die
+    from .db import SPLIT_CODES, ProteinDB
 
     db = ProteinDB(cfg.db)
     mode = "sample" if cfg.max_residues is not None else "full"

@@ -14,7 +14,7 @@ trained on:
 4. compare token accuracy with the baselines fitted on the train split (`tokenfold.baselines`).
 
 Work is split into units = (DB shard, chunk of ``--chunk-size`` examples): a SLURM array task takes
-the DB shards `utils.my_units` gives it and writes one ``work/part_<shard>_<chunk>.npz`` per chunk
+the DB shards `sharding.my_units` gives it and writes one ``work/part_<shard>_<chunk>.npz`` per chunk
 (atomically), so a killed run resumes at the first missing part. `finalize` merges the parts into
 ``metrics.json`` (written last), ``per_protein.tsv``, ``predictions.fasta``, ``skipped.tsv``, PNGs and
 ``pdb/<id>_pred_vs_true.pdb`` (chain A truth, chain B prediction superposed on it).
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -32,12 +33,25 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
+from .artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
 from .baselines import Baselines, train_examples
+from .cli import die, progress
+from .device import pick_device, pick_dtype
 from .generate import Sampling, generate, set_cpu_threads, teacher_forced
-from .metrics import (DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, summarize,
-                      superpose, trace_metrics)
-from .utils import atomic_path, die, log, my_units, progress, read_json, write_json_atomic, write_text_atomic
+from .metrics import (
+    DEFAULT_LENGTH_BINS,
+    TRACE_METRICS,
+    binned,
+    confusion_matrix,
+    kabsch,
+    summarize,
+    superpose,
+    trace_metrics,
+)
+from .sharding import my_units
 from .vocab import Vocab
+
+log = logging.getLogger("tokenfold.evaluate")
 
 DECODABLE = ("geo", "kanzi")
 TRACES = ("pred", "ceiling", "base_most_frequent", "base_per_aa")  # decoded traces compared with the truth
@@ -83,29 +97,12 @@ class EvalConfig:
                 "db": str(Path(self.db).resolve()) if self.db else None}
 
 
-def pick_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def pick_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-
-
 def load_model(checkpoint: str, device: str = "auto", dtype: str = "auto"):
     """(model, vocab, checkpoint dir) via stage 05's `load_for_inference`."""
     from .checkpoint import load_for_inference, resolve
 
     ckpt = resolve(checkpoint)
-    dev = pick_device(device)
-    model, vocab = load_for_inference(ckpt, device=dev, dtype=pick_dtype(dtype, dev))
+    model, vocab = load_for_inference(ckpt, device=device, dtype=dtype)
     return model, vocab, ckpt
 
 

@@ -5,7 +5,7 @@ exactly one structure token per residue, only structure tokens at those position
 the L-th. In the interleaved layout the amino acids are not generated at all: they are fed between
 the generated tokens (``<bos> <kind> a_1 [s_1] a_2 [s_2] .. a_L [s_L] <eos>``, brackets = generated).
 
-Batching. Proteins are grouped by length (`length_batches`), each group runs as one batch:
+Batching. Proteins are grouped by length (`tokenfold.batching.budget_batches`), each group runs as one batch:
 
 - plain layout: prompts ``<bos> a_1..a_L <sep> <kind>`` differ in length, so they are LEFT-padded;
   the attention mask hides the padding and position ids count only real tokens, so every row sees
@@ -26,13 +26,17 @@ and whether it had exactly L structure tokens.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .utils import log, progress
+from .batching import budget_batches
+from .cli import progress
 from .vocab import BOS, EOS, PAD, Vocab
+
+log = logging.getLogger("tokenfold.generate")
 
 
 @dataclass
@@ -118,23 +122,6 @@ def set_cpu_threads(model, requested: int | None = None) -> int:
                      SMALL_MODEL_PARAMS // 1_000_000)
         torch.set_num_threads(1)
     return torch.get_num_threads()
-
-
-def length_batches(lengths, max_batch: int = 64, max_tokens: int = 65536) -> list[np.ndarray]:
-    """Index groups of similar length, longest first; each group has <= max_batch rows and
-    rows x longest <= max_tokens (a single over-long protein still gets its own batch)."""
-    lengths = np.asarray(lengths)
-    order = np.argsort(-lengths, kind="stable")
-    out, cur = [], []
-    for i in order:
-        longest = lengths[cur[0]] if cur else lengths[i]
-        if cur and (len(cur) + 1 > max_batch or (len(cur) + 1) * longest > max_tokens):
-            out.append(np.array(cur))
-            cur = []
-        cur.append(int(i))
-    if cur:
-        out.append(np.array(cur))
-    return out
 
 
 def _forward(model, ids, cache, attention_mask=None, position_ids=None):
@@ -316,7 +303,7 @@ def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, 
     batch_size = batch_size or default_batch_size(device)
     pick = _Picker(sampling, device)
     per_token = 2 if vocab.interleaved else 1
-    batches = length_batches([len(s) * per_token for s in seqs], batch_size, max_batch_tokens)
+    batches = budget_batches([len(s) * per_token for s in seqs], max_batch_tokens, max_rows=batch_size)
     run = _interleaved_batch if vocab.interleaved else _plain_batch
     results: list[Generation | None] = [None] * len(seqs)
     was_training = model.training
@@ -352,7 +339,7 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
     was_training = model.training
     model.eval()
     try:
-        for b in length_batches([len(e) for e in examples], batch_size, max_batch_tokens):
+        for b in budget_batches([len(e) for e in examples], max_batch_tokens, max_rows=batch_size):
             T = max(len(examples[i]) for i in b)
             ids = torch.full((len(b), T), PAD, dtype=torch.long)
             att = torch.zeros((len(b), T), dtype=torch.long)

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
@@ -65,9 +66,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .artifacts import atomic_path, sha256_file
 from .metrics import segment_rmsd
 from .structure import BREAK_DISTANCE, chain_breaks
-from .utils import atomic_path, log, sha256_file
+
+log = logging.getLogger("tokenfold.geotokens")
 
 FORMAT = "tokenfold-geo-codebook"
 VERSION = 1

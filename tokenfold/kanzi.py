@@ -85,9 +85,9 @@ class KanziTokenizer:
     @classmethod
     def from_checkpoint(cls, checkpoint, device: str | None = None, **kw) -> "KanziTokenizer":
         if device is None:
-            import torch
+            from .device import pick_device
 
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = str(pick_device("auto"))
         return cls(load_kanzi_model(checkpoint, device), device=device, checkpoint=str(checkpoint), **kw)
 
     @property

@@ -11,11 +11,16 @@ read as X, as in training.
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
 
-from .utils import die, log, read_fasta, setup_logging, write_text_atomic
+from .artifacts import write_text_atomic
+from .cli import die, setup_logging
+from .fasta import read_fasta
+
+log = logging.getLogger("tokenfold.predict")
 
 _NOT_SEQ = re.compile(r"[^A-Za-z*\-]")
 

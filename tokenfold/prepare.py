@@ -9,7 +9,7 @@ How a run goes (01_prepare_db.py is the CLI):
 2. **Shards.** Each DB shard is built independently: its per-shard report and rejects go to
    ``work/``, then ``shards/shard_XXXXX.h5`` is written atomically, last. A shard whose file exists
    is skipped, so a killed run resumes where it stopped. SLURM array tasks take shards round-robin
-   (`utils.my_units`); ``--workers`` parallelises structure parsing within a task.
+   (`sharding.my_units`); ``--workers`` parallelises structure parsing within a task.
 3. **Finalize** (automatic when unsharded, else ``--finalize`` once all tasks are done): merge the
    per-shard rejects/reports, mark later duplicate ids as excluded, cluster the sequences with
    MMseqs2 and deal whole clusters to train/val/test, then write split.npy, cluster.npy,
@@ -40,8 +40,10 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from . import structure as S
+from .artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
+from .cli import progress
 from .db import EXCLUDED, FORMAT, SPLITS, VERSION, Chunk, ProteinRecord, write_shard_arrays
-from .utils import atomic_path, my_units, progress, read_json, write_json_atomic, write_text_atomic
+from .sharding import my_units
 from .vocab import AA_LETTERS, AA_LUT
 
 log = logging.getLogger("tokenfold.prepare")

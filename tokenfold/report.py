@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .utils import atomic_path, write_json_atomic  # noqa: E402
+from .artifacts import atomic_path, write_json_atomic  # noqa: E402
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:

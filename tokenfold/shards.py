@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .utils import atomic_path, read_json
+from .artifacts import atomic_path, read_json
 
 TOKEN_DTYPE = np.uint16
 

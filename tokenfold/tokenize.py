@@ -27,12 +27,13 @@ array task and every re-run picks the same window, and records it (``crop_start`
 ``drop`` leaves the chain out. Both are counted in the report. geo and kanzi encode the window on its
 own (a cropped example decodes by itself); 3di and esm tokens are computed on the whole chain and cut.
 
-Work is split over DB shards (SLURM arrays: `utils.my_units`); a killed task resumes at the first
+Work is split over DB shards (SLURM arrays: `sharding.my_units`); a killed task resumes at the first
 DB shard without its marker, and the result equals an uninterrupted run (tested).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -41,10 +42,14 @@ from pathlib import Path
 import numpy as np
 
 from . import layout
+from .artifacts import atomic_path, read_json, sha256_file, write_json_atomic, write_text_atomic
+from .cli import die, progress
 from .db import SPLIT_CODES, SPLITS, ProteinDB
+from .sharding import my_units
 from .shards import TokenShardWriter, shard_stem
-from .utils import atomic_path, die, log, my_units, progress, read_json, sha256_file, write_json_atomic, write_text_atomic
 from .vocab import Vocab
+
+log = logging.getLogger("tokenfold.tokenize")
 
 KINDS = ("3di", "esm", "geo", "kanzi")
 LONG_POLICIES = ("crop", "drop")

@@ -55,10 +55,12 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed, layout
+from .artifacts import read_json, write_json_atomic, write_text_atomic
+from .cli import progress, seed_everything
 from .data import TrainStream, check_vocab, eval_batches, layout_for
+from .device import autocast, dtype_name, pick_dtype
 from .model import build_config, build_model, count_params, flops_per_token, pick_attention
 from .shards import TokenDataset
-from .utils import progress, read_json, seed_everything, write_json_atomic, write_text_atomic
 from .vocab import IGNORE_INDEX, Vocab
 
 log = logging.getLogger("tokenfold.train")
@@ -289,7 +291,8 @@ class Trainer:
         if self.layout == "packed" and not self.attn.startswith("flash_attention") and not _packed_sdpa_supported():
             raise ValueError("the packed layout needs flash_attention_2, or transformers >= 5 for SDPA; "
                              "use --batch-layout padded")
-        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.dtype = pick_dtype(cfg.precision, self.device)
+        self.precision = dtype_name(self.dtype)
 
         # data and schedule length
         self.stream = TrainStream(self.train_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
@@ -314,9 +317,7 @@ class Trainer:
 
     # ---- helpers
     def autocast(self):
-        if self.precision != "bf16":
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return autocast(self.device, self.dtype)
 
     def finished_already(self) -> bool:
         if not self.final_dir.exists():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .utils import write_json_atomic
+from .artifacts import write_json_atomic
 
 SPECIALS = ("<pad>", "<bos>", "<sep>", "<eos>", "<3di>", "<esm>", "<geo>", "<kanzi>")
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
