@@ -128,7 +128,8 @@ def main():
         split = np.zeros(len(recs), np.uint8)
         split[len(train):] = np.where(np.arange(len(held)) % 2 == 0, 1, 2)   # held-out chains: val/test
         np.save(db / "split.npy", split)
-        from tokenfold.tokenize import TokenizeConfig, ensure_geo_codebook, run
+        from tokenfold.geo_fit import ensure_geo_codebook
+        from tokenfold.tokenize import TokenizeConfig, run
 
         def stage(kind, **kw):
             cfg = TokenizeConfig(db=str(db), out=str(tmp / f"tok_{kind}_{len(list(tmp.iterdir()))}"), kind=kind,

@@ -1,32 +1,46 @@
-"""Stage 04 end to end on the real small DB: every kind round-trips through the shards, resume,
-sharding, length policies, bad input, the CLI."""
+"""Stage 04's run on the real small DB: resume, array tasks, length policies, bad input, the CLI.
+(The token kinds: test_token_kinds.py; the geo codebook fit: test_geo_fit.py.)"""
+import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tokenfold.artifacts import write_json_atomic
+from tokenfold.cli import options_from_args
 from tokenfold.db import ProteinDB, ProteinRecord, write_shard
-from tokenfold.geotokens import GeoCodebook, segment_starts
-from tokenfold.metrics import segment_rmsd
 from tokenfold.shards import TokenDataset
-from tokenfold.tokenize import TokenizeConfig, crop_window, ensure_geo_codebook, finalize, run
-from tokenfold.vocab import BOS, EOS, Vocab
+from tokenfold.tokenize import TokenizeConfig, crop_window, finalize, run
+from tokenfold.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cfg(db, out, **kw):
+def tok_cfg(db, out, **kw):
+    """A TokenizeConfig for tests: small geo codebooks, stored next to `out`."""
     kw.setdefault("geo_k", 64)
     kw.setdefault("geo_refine_iters", 1)
     kw.setdefault("geo_codebook", str(Path(out).parent / f"geo_K{kw['geo_k']}.npz"))
     return TokenizeConfig(db=str(db), out=str(out), **kw)
 
 
-def _examples(out):
+def tokenize_cli_module():
+    spec = importlib.util.spec_from_file_location("tokenize_cli", ROOT / "04_tokenize.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def tokenize_cli(*args) -> int:
+    """04_tokenize.py's main() in this process (the CLI itself: argparse, defaults, exit codes)."""
+    return tokenize_cli_module().main([str(a) for a in args])
+
+
+def read_examples(out):
     """{split: [(id, db_index, crop_start, n_res, aa, codes)]} read back through TokenDataset + Vocab."""
     vocab = Vocab.load(out)
     res = {}
@@ -41,7 +55,7 @@ def _examples(out):
     return vocab, res
 
 
-def _shard_arrays(out):
+def shard_arrays(out):
     """Everything the token directory holds that a reader sees (for equality between runs)."""
     got = {}
     for p in sorted(Path(out).rglob("*")):
@@ -56,70 +70,12 @@ def _shard_arrays(out):
     return got
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_3di_roundtrip(small_db, tmp_path, interleaved):
-    out = tmp_path / "tok"
-    run(_cfg(small_db, out, kind="3di", interleaved=interleaved))
-    db = ProteinDB(small_db)
-    vocab, ex = _examples(out)
-    assert vocab.kind == "3di" and vocab.interleaved == interleaved
-    n = 0
-    for split, rows in ex.items():
-        for pid, g, crop, nres, aa, codes, ids in rows:
-            rec = db.get_global(g)
-            assert rec.id == pid and rec.split == split and crop == 0 and nres == rec.length
-            assert aa == rec.aa and vocab.symbols(codes) == rec.ss
-            if interleaved:   # <bos> <3di> a1 s1 a2 s2 ... <eos>: strictly alternating
-                assert ids[0] == BOS and ids[1] == vocab.kind_id and ids[-1] == EOS
-                assert vocab.is_struct(ids[3:-1:2]).all() and not vocab.is_struct(ids[2:-1:2]).any()
-            n += 1
-    assert n == len(db)
-    mf = json.loads((out / "manifest.json").read_text())
-    assert sum(v["n_examples"] for v in mf["splits"].values()) == len(db)
-    rep = json.loads((out / "report.json").read_text())
-    assert rep["token_frequency"]["train"]["codes_used"] > 10
-    for f in rep["files"]:
-        assert (out / f).stat().st_size > 1000
-
-
-def test_geo_roundtrip_and_decoding(small_db, tmp_path):
-    out = tmp_path / "geo"
-    cfg = _cfg(small_db, out, kind="geo", geo_k=128)
-    run(cfg)
-    db = ProteinDB(small_db)
-    vocab, ex = _examples(out)
-    cb = GeoCodebook.from_vocab(vocab, out)          # what stage 06 does
-    assert vocab.n_struct == cb.n_tokens == 130 and vocab.meta["geo_codebook"]["sha256"]
-    # fit on train chains only
-    assert set(cb.fit_index.tolist()) <= set(db.indices("train").tolist()) and len(cb.fit_index) > 10
-    assert cb.meta["fit_split"] == "train"
-    rmsd = []
-    for split, rows in ex.items():
-        for pid, g, crop, nres, aa, codes, ids in rows:
-            rec = db.get_global(g)
-            ca, gap = rec.ca[crop:crop + nres], rec.gap_before[crop:crop + nres]
-            np.testing.assert_array_equal(codes, cb.encode(ca, gap))
-            rmsd.append(segment_rmsd(cb.decode(codes), ca, segment_starts(ca, gap)))
-            assert (codes == cb.BREAK).sum() == segment_starts(ca, gap).sum() - 1
-    rep = json.loads((out / "report.json").read_text())
-    assert np.median(rmsd) < 0.5
-    assert rep["geo"]["rmsd_heldout"]["n"] == len(ex["val"]) + len(ex["test"])
-    assert abs(rep["geo"]["rmsd_heldout"]["median"] - np.median(rmsd[len(ex["train"]):])) < 1e-6
-    assert {"geo_rmsd_hist.png", "geo_rmsd_vs_length.png"} <= set(rep["files"])
-    # a second stage run (e.g. the interleaved layout) reuses the codebook; other fit settings refit it
-    before = Path(cfg.geo_path).stat().st_mtime_ns
-    il = _cfg(small_db, tmp_path / "geo_il", kind="geo", geo_k=128, interleaved=True)
-    assert ensure_geo_codebook(il).meta == cb.meta and Path(cfg.geo_path).stat().st_mtime_ns == before
-    il.geo_refine_iters = 0
-    assert ensure_geo_codebook(il).meta["refine_iters"] == 0
-
-
 def test_resume_and_array_tasks_equal_one_uninterrupted_run(small_db, tmp_path):
     ref = tmp_path / "ref"
-    run(_cfg(small_db, ref, kind="geo", max_length=120))
+    run(tok_cfg(small_db, ref, kind="geo", max_length=120))
     # task 0 of 2 is killed after its first DB shard; task 1 dies mid-shard (partial files, no marker)
     out = tmp_path / "out"
-    cfg = _cfg(small_db, out, kind="geo", max_length=120)
+    cfg = tok_cfg(small_db, out, kind="geo", max_length=120)
     run(cfg, num_tasks=2, task_index=0, max_units=1)
     (out / "train").mkdir(exist_ok=True)
     (out / "train" / "shard_00001.bin").write_bytes(b"garbage")
@@ -129,7 +85,7 @@ def test_resume_and_array_tasks_equal_one_uninterrupted_run(small_db, tmp_path):
     run(cfg, num_tasks=2, task_index=1)                 # the re-run task redoes shard 1 ...
     assert run(cfg, num_tasks=2, task_index=0) == []   # ... task 0 has nothing left to do
     finalize(cfg)
-    a, b = _shard_arrays(ref), _shard_arrays(out)
+    a, b = shard_arrays(ref), shard_arrays(out)
     assert a.keys() == b.keys() and a == b
     # a finished stage is not redone ...
     mtime = (out / "manifest.json").stat().st_mtime_ns
@@ -144,8 +100,8 @@ def test_length_policies(small_db, tmp_path):
     lengths = {r.index: r.length for r in db}
     long = {g for g, L in lengths.items() if L > 100}
     assert long
-    run(_cfg(small_db, tmp_path / "crop", kind="3di", max_length=100))
-    _, ex = _examples(tmp_path / "crop")
+    run(tok_cfg(small_db, tmp_path / "crop", kind="3di", max_length=100))
+    _, ex = read_examples(tmp_path / "crop")
     rows = [r for rs in ex.values() for r in rs]
     assert len(rows) == len(db)
     for pid, g, crop, nres, aa, codes, ids in rows:
@@ -153,8 +109,8 @@ def test_length_policies(small_db, tmp_path):
         assert nres == min(rec.length, 100) and crop == crop_window(0, g, rec.length, 100)
         assert aa == rec.aa[crop:crop + nres]
     assert len({r[2] for r in rows if r[1] in long}) > 1          # windows are spread, not all at 0
-    run(_cfg(small_db, tmp_path / "drop", kind="3di", max_length=100, long_policy="drop"))
-    _, ex = _examples(tmp_path / "drop")
+    run(tok_cfg(small_db, tmp_path / "drop", kind="3di", max_length=100, long_policy="drop"))
+    _, ex = read_examples(tmp_path / "drop")
     assert {r[1] for rs in ex.values() for r in rs} == set(lengths) - long
     rep = json.loads((tmp_path / "drop" / "report.json").read_text())
     assert rep["n_dropped_too_long"] == len(long)
@@ -173,24 +129,21 @@ def test_entries_without_structure_are_skipped_and_recorded(small_db, tmp_path):
     np.save(root / "split.npy", np.array([0] * 5 + [1, 2], np.uint8))
     for kind, reason in (("3di", "no 3Di states"), ("geo", "no C-alpha coordinates")):
         out = tmp_path / kind
-        run(_cfg(root, out, kind=kind, geo_k=16, geo_fit_max_residues=10**6))
+        run(tok_cfg(root, out, kind=kind, geo_k=16, geo_fit_max_residues=10**6))
         assert (out / "rejects.tsv").read_text() == f"seq_only\t{reason}\n"
-        _, ex = _examples(out)
+        _, ex = read_examples(out)
         assert sum(len(v) for v in ex.values()) == 6
         assert json.loads((out / "report.json").read_text())["rejected"] == {reason: 1}
     # nothing usable: exit with one line
     np.save(root / "split.npy", np.array([3] * 6 + [0], np.uint8))
     with pytest.raises(SystemExit):
-        run(_cfg(root, tmp_path / "none", kind="3di"))
+        run(tok_cfg(root, tmp_path / "none", kind="3di"))
 
 
 def test_cli(small_db, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "TOKENFOLD_DATA": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
     h = subprocess.run([sys.executable, "04_tokenize.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert h.returncode == 0
-    for flag in ("--tokens", "--interleaved", "--db", "--out", "--max-length", "--long-policy", "--finalize",
-                 "--geo-k", "--geo-codebook", "--codebook", "--embeddings", "--kanzi-checkpoint", "--num-shards"):
-        assert flag in h.stdout
+    assert h.returncode == 0, h.stderr
     out = tmp_path / "tok"
     r = subprocess.run([sys.executable, "04_tokenize.py", "--tokens", "3di", "--db", str(small_db), "--out", str(out),
                         "--num-shards", "1"], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -203,42 +156,23 @@ def test_cli(small_db, tmp_path):
     assert not (tmp_path / "k" / "manifest.json").exists()
 
 
-def test_esm_roundtrip_stored_and_on_the_fly(small_db, tmp_path):
-    """esm kind with a tiny RANDOM ESM-2: vectors from a full stage-02 store, and computed on the fly."""
-    from tokenfold.codebook import Codebook, fit_codebook
-    from tokenfold.esm import EmbeddingStore, ExtractConfig, embed, load_esm, run_extract, write_random_checkpoint
-    from tokenfold.esm import finalize as esm_finalize
-
-    ck = write_random_checkpoint(tmp_path / "esm2_t2_RANDOM_test.pt", num_layers=2, embed_dim=32, heads=4)
-    emb = tmp_path / "emb"
-    ecfg = ExtractConfig(db=Path(small_db), out=emb, model=str(ck), layer=2, random_weights_for_testing=True)
-    run_extract(ecfg)
-    esm_finalize(ecfg)
-    store = EmbeddingStore(emb)
-    db = ProteinDB(small_db)
-    km = fit_codebook(store.residues(db, "train")["emb"], k=16, seed=0, n_init=1)
-    cb = Codebook(km.centroids, {"esm_model": store.meta["model"], "esm_model_path": str(ck), "layer": 2,
-                                 "random_weights": True, "embeddings_dir": str(emb), "normalize": False})
-    cbp = cb.save(tmp_path / "codebook_K16.pkl")
-    with pytest.raises(ValueError, match="RANDOM"):
-        run(_cfg(small_db, tmp_path / "refused", kind="esm", codebook=str(cbp)))
-    stored, fly = tmp_path / "esm_store", tmp_path / "esm_fly"
-    run(_cfg(small_db, stored, kind="esm", codebook=str(cbp), random_weights_for_testing=True, max_length=150))
-    run(_cfg(small_db, fly, kind="esm", codebook=str(cbp), embeddings=str(tmp_path / "no_store"),
-             random_weights_for_testing=True, interleaved=True, max_length=150))
-    model, alphabet, _ = load_esm(ck, allow_random=True)
-    (vs, ex_s), (vf, ex_f) = _examples(stored), _examples(fly)
-    assert vs.meta["esm_codebook"]["random_weights"] and "RANDOM" in json.loads((stored / "report.json").read_text())["WARNING"]
-    assert vs.meta["esm_codebook"]["vectors"] == str(emb) and "on the fly" in vf.meta["esm_codebook"]["vectors"]
-    recs = [db[i] for i in (0, len(db) // 2, len(db) - 1)]      # exact check of on-the-fly codes on a few
-    vectors = dict(zip([r.index for r in recs], embed(model, alphabet, [r.aa for r in recs], layer=2)))
-    agree = []
-    for split in ("train", "val", "test"):
-        assert [r[:5] for r in ex_s[split]] == [r[:5] for r in ex_f[split]]
-        for (pid, g, crop, n, aa, cs, _), (*_, cf, _) in zip(ex_s[split], ex_f[split]):
-            k, j = db.locate(g)
-            np.testing.assert_array_equal(cs, cb.assign(store.shard(k).get(j))[crop:crop + n])
-            if g in vectors:
-                np.testing.assert_array_equal(cf, cb.assign(vectors[g])[crop:crop + n])
-            agree.append((cs == cf).mean())
-    assert np.mean(agree) > 0.95          # stored float16 vs on-the-fly float32 vectors: same codes almost always
+def test_every_flag_reaches_its_setting():
+    """Every flag 04_tokenize.py had before its flags were derived from TokenizeConfig (all but the
+    removed --geo-wait-s) still parses, into the same setting."""
+    p = tokenize_cli_module().parser()
+    a = p.parse_args(["--tokens", "geo", "--interleaved", "--db", "D", "--out", "O", "--max-length", "7",
+                      "--long-policy", "drop", "--seed", "3", "--overwrite", "--geo-k", "9", "--geo-codebook", "G",
+                      "--geo-fit-max-residues", "11", "--geo-refine-iters", "2", "--geo-beam", "4", "--codebook", "C",
+                      "--embeddings", "E", "--esm-model", "M", "--random-weights-for-testing", "--device", "cpu",
+                      "--kanzi-checkpoint", "K", "--kanzi-decode-steps", "5", "--finalize", "--fit-geo-only",
+                      "--refit-geo", "--num-shards", "2", "--shard-index", "1", "-v"])
+    assert asdict(options_from_args(TokenizeConfig, a)) == {
+        "db": "D", "kind": "geo", "interleaved": True, "out": "O", "max_length": 7, "long_policy": "drop", "seed": 3,
+        "overwrite": True, "geo_k": 9, "geo_codebook": "G", "geo_fit_max_residues": 11, "geo_refine_iters": 2,
+        "geo_beam": 4, "codebook": "C", "embeddings": "E", "esm_model": "M", "random_weights_for_testing": True,
+        "device": "cpu", "kanzi_checkpoint": "K", "kanzi_decode_steps": 5}
+    assert (a.finalize, a.fit_geo_codebook, a.refit_geo, a.num_shards, a.shard_index, a.verbose) == \
+        (True, True, True, 2, 1, True)
+    assert p.parse_args(["--kind", "esm"]).kind == "esm" and p.parse_args([]).kind == "3di"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--geo-wait-s", "10"])

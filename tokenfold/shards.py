@@ -1,9 +1,7 @@
 """Token shards: flat uint16 token files plus an offset index per shard, memmapped (nanoGPT-style).
 
-A token directory (default ``data/tokens/<name>``; see data/README.md)::
+Where the files sit: see data/README.md, section stage 04. One shard::
 
-    vocab.json                       the Vocab (tokenfold.vocab)
-    manifest.json                    written last by finalize: per split the shard files and counts
     <split>/shard_00000.bin          uint16 token ids of all examples of the shard, concatenated
     <split>/shard_00000.idx.npz      offsets int64 [n+1]  example j = tokens[offsets[j]:offsets[j+1]]
                                      db_index int64 [n]   global index in the protein DB
@@ -12,7 +10,8 @@ A token directory (default ``data/tokens/<name>``; see data/README.md)::
                                      ids <U [n]           protein ids (no pickle needed to read)
 
 The ``.bin`` is written first and the ``.idx.npz`` last, both atomically, so an index file that
-exists always describes a complete shard (`TokenDataset` lists shards by their index files).
+exists always describes a complete shard. `TokenDataset` reads the shards a split's entry of the
+finalize manifest lists, or before finalize the complete shards it finds (by their index files).
 """
 from __future__ import annotations
 
