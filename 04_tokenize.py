@@ -10,7 +10,7 @@ Outputs: --out (default data/tokens/<kind>[_interleaved]/): vocab.json, <split>/
          last. geo kind: --geo-codebook (default data/geo/geo_codebook_K<K>.npz). Files: data/README.md.
 
 SLURM: run as an array (each task takes DB shards round-robin), then once with --finalize. For the
-geo kind, first fit the codebook in its own step:  04_tokenize.py --kind geo --fit-geo-codebook
+geo kind, first fit the codebook in its own step:  04_tokenize.py --tokens geo --fit-geo-codebook
 (an array task without it stops with one line; a single-task run fits it itself).
 """
 from __future__ import annotations
@@ -21,19 +21,17 @@ import sys
 from tokenfold.cli import add_options, die, options_from_args, setup_logging
 from tokenfold.geo_fit import ensure_geo_codebook
 from tokenfold.sharding import add_shard_args, resolve_shard
-from tokenfold.token_kinds import KINDS
 from tokenfold.tokenize import TokenizeConfig, finalize, run
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_options(p, TokenizeConfig)
-    p.add_argument("--kind", dest="kind", choices=KINDS, default=argparse.SUPPRESS, help="same as --tokens")
     p.add_argument("--finalize", action="store_true",
                    help="only the finalize step: check all DB shards are done, write report + manifest")
     p.add_argument("-v", "--verbose", action="store_true")
     g = p.add_argument_group("geo codebook step")
-    g.add_argument("--fit-geo-codebook", "--fit-geo-only", dest="fit_geo_codebook", action="store_true",
+    g.add_argument("--fit-geo-codebook", action="store_true",
                    help="fit the geo codebook on TRAIN chains (or find a stored one fit for this DB and these "
                         "settings), write it, then exit without tokenizing: run once before a geo array")
     g.add_argument("--refit-geo", action="store_true",
@@ -50,7 +48,7 @@ def main(argv=None) -> int:
         num, idx = resolve_shard(a.num_shards, a.shard_index)
         if a.fit_geo_codebook or a.refit_geo:
             if cfg.kind != "geo":
-                die("--fit-geo-codebook/--refit-geo need --kind geo")
+                die("--fit-geo-codebook/--refit-geo need --tokens geo")
             if a.refit_geo and not a.fit_geo_codebook and num > 1:
                 die("--refit-geo in an array task: refit once with --fit-geo-codebook --refit-geo before the array")
             ensure_geo_codebook(cfg, refit=a.refit_geo)

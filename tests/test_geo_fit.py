@@ -14,7 +14,7 @@ FAST = ["--geo-k", "16", "--geo-refine-iters", "0"]
 
 
 def _geo(db, out, codebook, *more):
-    return ["--kind", "geo", *FAST, "--db", db, "--out", out, "--geo-codebook", codebook, *more]
+    return ["--tokens", "geo", *FAST, "--db", db, "--out", out, "--geo-codebook", codebook, *more]
 
 
 def test_fit_step_writes_the_codebook_tokenizes_nothing_and_is_idempotent(small_db, tmp_path):
@@ -28,9 +28,9 @@ def test_fit_step_writes_the_codebook_tokenizes_nothing_and_is_idempotent(small_
     db = ProteinDB(small_db)
     assert set(cb.fit_index.tolist()) <= set(db.indices("train").tolist()) and len(cb.fit_index) > 10
     assert cb.meta["fit_split"] == "train"
-    # a second fit step (under the old flag name) and a run of another layout find it and leave it alone
+    # a second fit step and a run of another layout find it and leave it alone
     data, mtime = cbp.read_bytes(), cbp.stat().st_mtime_ns
-    assert tokenize_cli(*_geo(small_db, out, cbp, "--fit-geo-only")) == 0
+    assert tokenize_cli(*_geo(small_db, out, cbp, "--fit-geo-codebook")) == 0
     il = tok_cfg(small_db, tmp_path / "tok_il", kind="geo", geo_k=16, geo_refine_iters=0, geo_codebook=str(cbp),
                  interleaved=True)
     assert ensure_geo_codebook(il).meta == cb.meta
@@ -53,7 +53,7 @@ def test_array_task_without_a_fitted_codebook_stops_in_one_line(small_db, tmp_pa
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
 
     line = (f"error: geo codebook {cbp} is not fitted for this DB and settings: "
-            "run 04_tokenize.py --kind geo --fit-geo-codebook first\n")
+            "run 04_tokenize.py --tokens geo --fit-geo-codebook first\n")
     missing = array_task()
     assert (missing.returncode, missing.stderr) == (1, line) and not cbp.exists()
     assert tokenize_cli(*_geo(small_db, tmp_path / "tok", cbp, "--fit-geo-codebook")) == 0

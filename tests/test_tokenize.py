@@ -164,7 +164,7 @@ def test_every_flag_reaches_its_setting():
                       "--long-policy", "drop", "--seed", "3", "--overwrite", "--geo-k", "9", "--geo-codebook", "G",
                       "--geo-fit-max-residues", "11", "--geo-refine-iters", "2", "--geo-beam", "4", "--codebook", "C",
                       "--embeddings", "E", "--esm-model", "M", "--random-weights-for-testing", "--device", "cpu",
-                      "--kanzi-checkpoint", "K", "--kanzi-decode-steps", "5", "--finalize", "--fit-geo-only",
+                      "--kanzi-checkpoint", "K", "--kanzi-decode-steps", "5", "--finalize", "--fit-geo-codebook",
                       "--refit-geo", "--num-shards", "2", "--shard-index", "1", "-v"])
     assert asdict(options_from_args(TokenizeConfig, a)) == {
         "db": "D", "kind": "geo", "interleaved": True, "out": "O", "max_length": 7, "long_policy": "drop", "seed": 3,
@@ -173,6 +173,6 @@ def test_every_flag_reaches_its_setting():
         "device": "cpu", "kanzi_checkpoint": "K", "kanzi_decode_steps": 5}
     assert (a.finalize, a.fit_geo_codebook, a.refit_geo, a.num_shards, a.shard_index, a.verbose) == \
         (True, True, True, 2, 1, True)
-    assert p.parse_args(["--kind", "esm"]).kind == "esm" and p.parse_args([]).kind == "3di"
+    assert p.parse_args(["--tokens", "esm"]).kind == "esm" and p.parse_args([]).kind == "3di"
     with pytest.raises(SystemExit):
         p.parse_args(["--geo-wait-s", "10"])

@@ -4,7 +4,7 @@ A stored codebook is reused when its fit key (`geo_fit_key`: DB manifest checksu
 size, refinement steps, geotokens version) matches this DB and these settings, and refit otherwise.
 Fitting is seeded and the file bytes are deterministic; it is written atomically.
 
-Who fits (`codebook_for_task`): the fit step (``04_tokenize.py --kind geo --fit-geo-codebook``) and a
+Who fits (`codebook_for_task`): the fit step (``04_tokenize.py --tokens geo --fit-geo-codebook``) and a
 single-task run fit when needed; an array task never fits nor waits: without a matching codebook it
 stops with one line that names the fit step. Files: see data/README.md, section stage 04.
 """
@@ -103,5 +103,5 @@ def codebook_for_task(cfg: TokenizeConfig, num_tasks: int) -> GeoCodebook:
     cb = stored_geo_codebook(cfg)
     if cb is None:
         die(f"geo codebook {cfg.geo_path} is not fitted for this DB and settings: "
-            "run 04_tokenize.py --kind geo --fit-geo-codebook first")
+            "run 04_tokenize.py --tokens geo --fit-geo-codebook first")
     return cb
