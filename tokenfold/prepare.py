@@ -44,6 +44,7 @@ from .artifacts import atomic_path, read_json, write_json_atomic, write_text_ato
 from .cli import progress
 from .db import EXCLUDED, FORMAT, SPLITS, VERSION, Chunk, ProteinRecord, write_shard_arrays
 from .sharding import my_units
+from .threedi import encode_3di_arrays
 from .vocab import AA_LETTERS, AA_LUT
 
 log = logging.getLogger("tokenfold.prepare")
@@ -323,7 +324,7 @@ def _ingest_chain(res: ItemResult, path: str, base: str, pf: S.ParsedFile, ch: S
             continue
         ss = None
         if not ca_trace:
-            ss = S.encode_3di_arrays(ch.ca[a:b], ch.n[a:b], ch.c[a:b], ch.cb[a:b])
+            ss = encode_3di_arrays(ch.ca[a:b], ch.n[a:b], ch.c[a:b], ch.cb[a:b])
         g = gap[a:b].copy()
         g[0] = False
         res.records.append(ProteinRecord(id=eid, aa=aa, ss=ss, ca=np.ascontiguousarray(ch.ca[a:b], dtype=np.float32),
