@@ -43,6 +43,7 @@ from . import structure as S
 from .artifacts import atomic_path, read_json, write_json_atomic, write_text_atomic
 from .cli import progress
 from .db import EXCLUDED, FORMAT, SPLITS, VERSION, Chunk, ProteinRecord, write_shard_arrays
+from .fasta import read_records, record_offsets
 from .sharding import my_units
 from .threedi import encode_3di_arrays
 from .vocab import AA_LETTERS, AA_LUT
@@ -152,26 +153,6 @@ def disambiguated_bases(files: Sequence[Path]) -> list[str]:
     return out
 
 
-def fasta_record_offsets(path: str | os.PathLike) -> np.ndarray:
-    """Byte offsets of the '>' of each record (plus the file size at the end); chunked scan."""
-    path = Path(path)
-    size = path.stat().st_size
-    starts = []
-    prev = b"\n"
-    pos = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            arr = np.frombuffer(chunk, dtype=np.uint8)
-            gt = np.flatnonzero(arr == ord(">"))
-            if len(gt):
-                before = np.where(gt > 0, arr[np.maximum(gt - 1, 0)], ord(prev))
-                starts.append(pos + gt[before == ord("\n")])
-            prev = chunk[-1:]
-            pos += len(chunk)
-    offs = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-    return np.concatenate([offs.astype(np.int64), [size]])
-
-
 @dataclass
 class Plan:
     structure_files: list[str]
@@ -218,7 +199,7 @@ def make_plan(inputs: Inputs, opts: PrepareOptions) -> Plan:
         if not fa.is_file():
             raise FileNotFoundError(f"--fasta {fa}: no such file")
         path = str(fa.resolve())
-        fasta_offsets[path] = fasta_record_offsets(fa)
+        fasta_offsets[path] = record_offsets(fa)
         fas.append({"path": path, "n": int(len(fasta_offsets[path]) - 1)})
     n_items = len(files) + sum(d["n"] for d in fdbs) + sum(d["n"] for d in fas)
     ips = opts.items_per_shard
@@ -331,26 +312,20 @@ def _ingest_chain(res: ItemResult, path: str, base: str, pf: S.ParsedFile, ch: S
                                          plddt=plddt, gap_before=g, source="structure", origin=path))
 
 
-def _clean_fasta_seq(raw: str) -> str:
-    """Whitespace and a trailing stop removed; anything but the 20 standard letters (either case) -> X."""
-    s = "".join(raw.split()).rstrip("*")
+def _aa_letters(seq: str) -> str:
+    """A trailing stop removed; anything but the 20 standard letters (either case) -> X."""
+    s = seq.rstrip("*")
     return _AA_LUT[np.frombuffer(s.encode("latin-1", "replace"), dtype=np.uint8)].tobytes().decode("ascii")
 
 
 def ingest_fasta_range(path: str, offsets: np.ndarray, a: int, b: int, opts: PrepareOptions) -> ItemResult:
-    """Records a..b-1 of a FASTA file (offsets from `fasta_record_offsets`)."""
+    """Records a..b-1 of a FASTA file (offsets from `fasta.record_offsets`)."""
     res = ItemResult()
-    with open(path, "rb") as f:
-        f.seek(int(offsets[a]))
-        blob = f.read(int(offsets[b] - offsets[a])).decode("utf-8", errors="replace")
-    for rec in blob.split("\n>"):
-        rec = rec.lstrip(">")
-        header, _, body = rec.partition("\n")
-        pid = header.split()[0] if header.split() else ""
+    for pid, seq in read_records(path, offsets, a, b):
         if not pid:
             res.rejects.append((path, "", "FASTA record without an id"))
             continue
-        aa = _clean_fasta_seq(body)
+        aa = _aa_letters(seq)
         reason = _filter_reason(aa, opts)
         if reason:
             res.rejects.append((path, pid, reason))
@@ -498,7 +473,7 @@ def _build_shard(out: Path, plan: Plan, k: int, pool) -> dict:
             path = plan.fasta[src]["path"]
             offs = plan.fasta_offsets.get(path)
             if offs is None:
-                offs = plan.fasta_offsets[path] = fasta_record_offsets(path)
+                offs = plan.fasta_offsets[path] = record_offsets(path)
             collect(ingest_fasta_range(path, offs, la, lb, opts), kind, pending)
             bar.update(b - a)
         if pending:
