@@ -95,7 +95,9 @@ def _available_cpus() -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging(args.verbose)
-    from tokenfold.prepare import Inputs, PlanMismatch, PrepareOptions, SplitOptions, embedded_default_inputs, run
+    from tokenfold.db_plan import Inputs, PlanMismatch, PrepareOptions, embedded_default_inputs
+    from tokenfold.prepare import run
+    from tokenfold.split import SplitOptions
 
     inputs = Inputs(structures=args.structures, foldseek_dbs=args.foldseek_db, fasta=args.fasta)
     if inputs.empty():
