@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, need_shared, read_fasta
+from tokenfold import layout
 from tokenfold import prepare as P  # P.run, and P.build_shard as run calls it
 from tokenfold.db import EXCLUDED, DBShard, ProteinDB
 from tokenfold.db_plan import Inputs, PlanMismatch, PrepareOptions
@@ -158,14 +159,31 @@ def test_mixed_inputs_duplicates_and_fasta(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the CLI
-def test_cli_help_names_inputs_and_outputs(capsys):
-    with pytest.raises(SystemExit) as e:
-        _cli().main(["--help"])
-    assert e.value.code == 0
-    text = capsys.readouterr().out
-    for word in ("--structures", "--foldseek-db", "--fasta", "--out", "embedded", "manifest.json", "split.npy",
-                 "rejects.tsv", "report.json", "--finalize", "--workers", "--num-shards", "--overwrite"):
-        assert word in text
+def test_cli_flags_parse_to_the_options_they_name():
+    """Every flag of existing command lines (and slurm/config/*.env) reaches the setting it names."""
+    cli = _cli()
+    args = cli.build_parser().parse_args([
+        "--structures", "a.pdb", "dir/", "--structures", "b.cif", "--foldseek-db", "fdb1", "--foldseek-db", "fdb2",
+        "--fasta", "x.fa", "--out", "elsewhere", "--min-length", "5", "--max-length", "600", "--max-unknown", "0.5",
+        "--min-plddt", "50", "--plddt-from-bfactor", "yes", "--chain-breaks", "split", "--break-distance", "6.5",
+        "--items-per-shard", "7", "--split-fractions", "0.6", "0.3", "0.1", "--min-seq-id", "0.5", "--coverage", "0.7",
+        "--mmseqs", "/opt/mmseqs", "--mmseqs-mode", "linclust", "--mmseqs-threads", "3", "--no-mmseqs", "--seed", "9",
+        "--workers", "4", "--finalize", "--overwrite", "-v", "--num-shards", "5", "--shard-index", "2"])
+    inputs, opts, split_opts = cli.settings(args)
+    assert inputs == Inputs(structures=["a.pdb", "dir/", "b.cif"], foldseek_dbs=["fdb1", "fdb2"], fasta=["x.fa"])
+    assert opts == PrepareOptions(min_length=5, max_length=600, max_unknown=0.5, min_plddt=50.0,
+                                  plddt_from_bfactor="yes", chain_breaks="split", break_distance=6.5, items_per_shard=7)
+    assert split_opts == SplitOptions(fractions=(0.6, 0.3, 0.1), min_seq_id=0.5, coverage=0.7, seed=9, threads=3,
+                                      mmseqs="/opt/mmseqs", use_mmseqs=False, mmseqs_mode="linclust")
+    assert (args.out, args.workers, args.finalize, args.overwrite, args.verbose, args.num_shards, args.shard_index) == \
+        ("elsewhere", 4, True, True, True, 5, 2)
+    # no flag: the options' own defaults, MMseqs2 with as many threads as this process may use
+    args = cli.build_parser().parse_args([])
+    inputs, opts, split_opts = cli.settings(args)
+    assert inputs.empty() and opts == PrepareOptions() and args.out == str(layout.DB)
+    assert split_opts == SplitOptions(threads=len(os.sched_getaffinity(0)))
+    with pytest.raises(ValueError, match="max_unknown"):
+        cli.settings(cli.build_parser().parse_args(["--max-unknown", "2"]))
 
 
 def test_cli_default_run_on_embedded_dataset(tmp_path):
