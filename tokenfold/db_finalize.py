@@ -121,7 +121,7 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
     hashes = _write_sequences(out, plan, include, fasta, starts)
     try:
         clus = cluster_fasta(fasta, hashes, out / "work", split_opts.min_seq_id, split_opts.coverage,
-                                split_opts.threads, split_opts.mmseqs, split_opts.use_mmseqs, split_opts.mmseqs_mode)
+                             split_opts.threads, split_opts.mmseqs, split_opts.use_mmseqs, split_opts.mmseqs_mode)
     finally:
         fasta.unlink(missing_ok=True)
     inc_codes = assign_splits(clus.rep, ids[included], split_opts.fractions, split_opts.seed)
