@@ -11,8 +11,10 @@ import os
 import sys
 
 from tokenfold import layout
-from tokenfold.cli import die, setup_logging
+from tokenfold.cli import add_options, die, options_from_args, setup_logging
+from tokenfold.db_plan import Inputs, PlanMismatch, PrepareOptions, embedded_default_inputs
 from tokenfold.sharding import add_shard_args, resolve_shard
+from tokenfold.split import SplitOptions
 
 EPILOG = """\
 outputs (in --out):
@@ -42,41 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fasta", action="append", default=[], metavar="FILE",
                    help="FASTA sequences (entries without 3Di or C-alpha, for the ESM-only path)")
     p.add_argument("--out", default=str(layout.DB), help="output DB directory (default: %(default)s)")
-
-    f = p.add_argument_group("filters")
-    f.add_argument("--min-length", type=int, default=20, help="reject chains shorter than this (default: %(default)s)")
-    f.add_argument("--max-length", type=int, default=5000, help="reject chains longer than this (default: %(default)s)")
-    f.add_argument("--max-unknown", type=float, default=0.1,
-                   help="reject chains with a larger fraction of unknown (X) residues (default: %(default)s)")
-    f.add_argument("--min-plddt", type=float, default=70.0,
-                   help="reject entries with pLDDT whose mean pLDDT is below this; 0 disables (default: %(default)s)")
-    f.add_argument("--plddt-from-bfactor", choices=("auto", "yes", "no"), default="auto",
-                   help="store the CA B-factor as pLDDT: auto = only for AlphaFold models (AF-... ids, 'AlphaFold' "
-                        "in the name or header) (default: %(default)s)")
-    f.add_argument("--chain-breaks", choices=("record", "split"), default="record",
-                   help="record: keep chains whole, mark breaks in gap_before (3Di equals Foldseek's); "
-                        "split: one entry per unbroken segment, ids <id>_seg<k> (structure files only) (default: %(default)s)")
-    f.add_argument("--break-distance", type=float, default=4.2,
-                   help="CA-CA distance (Angstrom) above which consecutive residues count as a chain break (default: %(default)s)")
+    add_options(p, PrepareOptions)  # groups "filters" and "DB shards"
 
     s = p.add_argument_group("split (finalize step)")
-    s.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
-                   help="target fractions of entries (default: 0.8 0.1 0.1)")
-    s.add_argument("--min-seq-id", type=float, default=0.3, help="MMseqs2 clustering identity (default: %(default)s)")
-    s.add_argument("--coverage", type=float, default=0.8, help="MMseqs2 clustering coverage, cov-mode 0 (default: %(default)s)")
-    s.add_argument("--mmseqs", default=None, metavar="PATH", help="mmseqs binary (default: $TOKENFOLD_MMSEQS, else PATH)")
-    s.add_argument("--mmseqs-mode", choices=("cluster", "linclust"), default="cluster",
-                   help="mmseqs easy-cluster (default) or easy-linclust (linear time, for huge DBs)")
-    s.add_argument("--mmseqs-threads", type=int, default=None,
-                   help="MMseqs2 threads (default: the CPUs this process may use, e.g. the SLURM allocation)")
-    s.add_argument("--no-mmseqs", action="store_true",
+    s.add_argument("--split-fractions", dest="fractions", type=float, nargs=3, default=SplitOptions.fractions,
+                   metavar=("TRAIN", "VAL", "TEST"), help="target fractions of entries (default: 0.8 0.1 0.1)")
+    add_options(s, SplitOptions, defaults={"threads": None})  # None: the CPUs this process may use
+    s.add_argument("--no-mmseqs", dest="use_mmseqs", action="store_false",
                    help="do not use MMseqs2: split by exact-sequence hash (the loud fallback when mmseqs is missing)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the cluster-to-split assignment (default: %(default)s)")
 
     r = p.add_argument_group("execution")
     r.add_argument("--workers", type=int, default=1, help="processes parsing structure files on this node (default: %(default)s)")
-    r.add_argument("--items-per-shard", type=int, default=5000,
-                   help="input items (files, Foldseek entries, FASTA records) per DB shard (default: %(default)s)")
     r.add_argument("--finalize", action="store_true",
                    help="only merge the finished shards, split and write the manifest (after a SLURM array)")
     r.add_argument("--overwrite", action="store_true", help="rebuild even if the DB (or this task's shards) exist")
@@ -92,26 +70,28 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def settings(args: argparse.Namespace) -> tuple[Inputs, PrepareOptions, SplitOptions]:
+    """The inputs and options the parsed flags ask for (raises ValueError on an invalid option)."""
+    inputs = Inputs(structures=args.structures, foldseek_dbs=args.foldseek_db, fasta=args.fasta)
+    opts = options_from_args(PrepareOptions, args)
+    split_opts = options_from_args(SplitOptions, args, fractions=tuple(args.fractions),
+                                   threads=args.threads or _available_cpus())
+    return inputs, opts, split_opts
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = setup_logging(args.verbose)
-    from tokenfold.prepare import Inputs, PlanMismatch, PrepareOptions, SplitOptions, embedded_default_inputs, run
+    from tokenfold.prepare import run
 
-    inputs = Inputs(structures=args.structures, foldseek_dbs=args.foldseek_db, fasta=args.fasta)
+    try:
+        inputs, opts, split_opts = settings(args)
+    except ValueError as e:
+        die(str(e))
     if inputs.empty():
         files = embedded_default_inputs()
         log.info("no input given: using the embedded default dataset (%d MDAnalysisTests PDB/mmCIF files)", len(files))
         inputs.structures = [str(f) for f in files]
-    try:
-        opts = PrepareOptions(min_length=args.min_length, max_length=args.max_length, max_unknown=args.max_unknown,
-                              min_plddt=args.min_plddt, plddt_from_bfactor=args.plddt_from_bfactor,
-                              chain_breaks=args.chain_breaks, break_distance=args.break_distance,
-                              items_per_shard=args.items_per_shard)
-        split_opts = SplitOptions(fractions=tuple(args.split_fractions), min_seq_id=args.min_seq_id,
-                                  coverage=args.coverage, seed=args.seed, threads=args.mmseqs_threads or _available_cpus(),
-                                  mmseqs=args.mmseqs, use_mmseqs=not args.no_mmseqs, mmseqs_mode=args.mmseqs_mode)
-    except ValueError as e:
-        die(str(e))
     num_tasks, task_index = resolve_shard(args.num_shards, args.shard_index)
     try:
         status = run(inputs, args.out, opts, split_opts, num_tasks=num_tasks, task_index=task_index,

@@ -65,7 +65,7 @@ def load_sequences(max_residues: int) -> tuple[list[tuple[str, str]], str]:
         source = str(SHARED_FASTA)
         pairs = read_fasta(SHARED_FASTA)
     else:
-        from tokenfold.prepare import embedded_default_inputs
+        from tokenfold.db_plan import embedded_default_inputs
         from tokenfold.structure import parse_structure_file
 
         source = "embedded default dataset (MDAnalysisTests)"

@@ -48,7 +48,7 @@ def load_sequences(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], str]
         seqs = [s for _, s in read_fasta(SHARED_FASTA)]
         source = str(SHARED_FASTA)
     else:
-        from tokenfold.prepare import embedded_default_inputs
+        from tokenfold.db_plan import embedded_default_inputs
         from tokenfold.structure import parse_structure_file
 
         for p in embedded_default_inputs():

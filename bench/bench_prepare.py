@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenfold import prepare as P  # noqa: E402
+from tokenfold.db_plan import Inputs, Plan, PrepareOptions, expand_structure_args, make_plan  # noqa: E402
+from tokenfold.db_shard import build_shard, make_pool  # noqa: E402
 
 REF_CHAINS = 450.0     # Foldseek createdb, chains/s/core on these structures
 REF_RESIDUES = 110e3   # residues/s/core
@@ -39,16 +40,16 @@ def _cpu() -> tuple[float, float]:
     return s.ru_utime + s.ru_stime, c.ru_utime + c.ru_stime
 
 
-def time_shard(plan: P.Plan, workers: int, repeats: int = 1) -> dict:
+def time_shard(plan: Plan, workers: int, repeats: int = 1) -> dict:
     """Build DB shard 0 of `plan` (all items) `repeats` times; chains, residues, wall and CPU seconds."""
     out = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
         cpu0, ch0 = _cpu()
         t0 = time.perf_counter()
         for _ in range(repeats):
-            pool = P.make_pool(workers) if workers > 1 else None
+            pool = make_pool(workers) if workers > 1 else None
             try:
-                rep = P.build_shard(out, plan, 0, pool)
+                rep = build_shard(out, plan, 0, pool)
             finally:
                 if pool is not None:
                     pool.close()
@@ -98,13 +99,13 @@ def main() -> int:
     print(f"host load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; reference: Foldseek createdb "
           f"{REF_CHAINS:.0f} chains/s/core, {REF_RESIDUES / 1e3:.0f}k residues/s/core")
 
-    files = P.expand_structure_args([shared / "structures"])
+    files = expand_structure_args([shared / "structures"])
     if args.limit:
         files = files[: args.limit]
     # Foldseek's chain filter (length > 3, not all-X), so chain counts compare with createdb's
-    opts = P.PrepareOptions(min_length=4, max_unknown=1.0, min_plddt=0, items_per_shard=10**9)
-    plan = P.make_plan(P.Inputs(structures=[str(f) for f in files]), opts)
-    time_shard(P.make_plan(P.Inputs(structures=[str(f) for f in files[:5]]), opts), 1)  # warm-up (imports)
+    opts = PrepareOptions(min_length=4, max_unknown=1.0, min_plddt=0, items_per_shard=10**9)
+    plan = make_plan(Inputs(structures=[str(f) for f in files]), opts)
+    time_shard(make_plan(Inputs(structures=[str(f) for f in files[:5]]), opts), 1)  # warm-up (imports)
     r1 = time_shard(plan, 1)
     print(fmt(f"PDB/mmCIF files ({len(files)})", r1, 1))
     r2 = time_shard(plan, 2)
@@ -115,8 +116,8 @@ def main() -> int:
     fdb = shared / "foldseek_db" / "shared"
     with tempfile.TemporaryDirectory(prefix="bench_fdb_") as tmp:
         big = replicate_foldseek_db(fdb, Path(tmp) / "big", args.fs_copies)
-        fplan = P.make_plan(P.Inputs(foldseek_dbs=[str(big)]), opts)
-        time_shard(P.make_plan(P.Inputs(foldseek_dbs=[str(fdb)]), opts), 1)  # warm-up
+        fplan = make_plan(Inputs(foldseek_dbs=[str(big)]), opts)
+        time_shard(make_plan(Inputs(foldseek_dbs=[str(fdb)]), opts), 1)  # warm-up
         rf = time_shard(fplan, 1, repeats=3)
         per_core = rf["chains"] / rf["cpu"]
         print(fmt(f"Foldseek DB ({args.fs_copies} x shared)", rf, 1))

@@ -45,7 +45,8 @@ from tokenfold.artifacts import write_json_atomic  # noqa: E402
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
 from tokenfold.geotokens import GeoCodebook, open_loop_codes, reconstruction_rmsd, segment_starts  # noqa: E402
 from tokenfold.metrics import segment_rmsd  # noqa: E402
-from tokenfold.structure import encode_3di, parse_structure_file  # noqa: E402
+from tokenfold.structure import parse_structure_file  # noqa: E402
+from tokenfold.threedi import encode_3di  # noqa: E402
 
 SHARED = Path(os.environ.get("TOKENFOLD_SHARED", ROOT.parent / "shared")) / "data" / "structures"
 TRAIN_FOLDERS = ("db55_unbound", "dips_test_complexes")

@@ -73,7 +73,7 @@ def small_db_inputs() -> list[Path]:
     homstrad = SHARED / "structures" / "foldseek_regression_homstrad"
     if homstrad.is_dir():
         return sorted(homstrad.iterdir())
-    from tokenfold.prepare import embedded_default_inputs
+    from tokenfold.db_plan import embedded_default_inputs
 
     return embedded_default_inputs()
 
@@ -83,7 +83,9 @@ def small_db(tmp_path_factory) -> Path:
     """A finished stage-01 DB (manifest.json, split.npy, ...) of ~50 real chains with 3Di and
     C-alpha, train/val/test all non-empty, built through the real `tokenfold.prepare.run`.
     Read it with `tokenfold.db.ProteinDB(small_db)`; do not modify it (session-scoped, shared)."""
-    from tokenfold.prepare import Inputs, PrepareOptions, SplitOptions, run
+    from tokenfold.db_plan import Inputs, PrepareOptions
+    from tokenfold.prepare import run
+    from tokenfold.split import SplitOptions
 
     out = tmp_path_factory.mktemp("small_db") / "db"
     run(Inputs(structures=[str(p) for p in small_db_inputs()]), out,
@@ -102,7 +104,9 @@ def read_fasta(path) -> dict[str, str]:
 def shared_structures_db(tmp_path_factory) -> Path:
     """Stage 01 run over every file of ../shared/data/structures with Foldseek's own chain filter
     (length > 3, not all-X), to compare against Foldseek's DB of the same files. Skips when absent."""
-    from tokenfold.prepare import Inputs, PrepareOptions, SplitOptions, run
+    from tokenfold.db_plan import Inputs, PrepareOptions
+    from tokenfold.prepare import run
+    from tokenfold.split import SplitOptions
 
     structures = need_shared("structures")
     out = tmp_path_factory.mktemp("shared_db") / "db"

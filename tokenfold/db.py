@@ -1,11 +1,5 @@
 """The protein DB: sharded HDF5 files of ragged per-residue arrays, plus a manifest and a split.
-
-Layout of a DB directory (default ``data/db``; see data/README.md)::
-
-    manifest.json          written last by the finalize step: shard list, counts, split parameters
-    shards/shard_00000.h5  one file per DB shard (ragged arrays, below)
-    split.npy              uint8 [N]: 0 train, 1 val, 2 test, 3 excluded (e.g. duplicate id)
-    cluster.npy            int64 [N]: global index of the entry's cluster representative (-1: excluded)
+Files: see data/README.md, section stage 01.
 
 One shard file holds n entries and R residues in total, Foldseek-style: flat data plus offsets::
 

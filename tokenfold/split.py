@@ -20,9 +20,28 @@ from typing import Sequence
 
 import numpy as np
 
+from .cli import option
+
 log = logging.getLogger("tokenfold.split")
 
 TRAIN, VAL, TEST = 0, 1, 2
+MODES = {"cluster": "easy-cluster", "linclust": "easy-linclust"}
+
+
+@dataclass
+class SplitOptions:
+    """How stage 01's finalize step clusters and splits the entries (does not touch the shards)."""
+
+    fractions: tuple = (0.8, 0.1, 0.1)  # target train/val/test shares (the flag --split-fractions TRAIN VAL TEST)
+    min_seq_id: float = option(0.3, "MMseqs2 clustering identity")
+    coverage: float = option(0.8, "MMseqs2 clustering coverage, cov-mode 0")
+    seed: int = option(0, "seed of the cluster-to-split assignment")
+    threads: int = option(1, "MMseqs2 threads (default: the CPUs this process may use, e.g. the SLURM "
+                             "allocation; 1 when called from Python)", flag="--mmseqs-threads", metavar="N")
+    mmseqs: str | None = option(None, "mmseqs binary (default: $TOKENFOLD_MMSEQS, else PATH)", metavar="PATH")
+    use_mmseqs: bool = option(True, cli=False)  # False (the flag --no-mmseqs): split by exact-sequence hash
+    mmseqs_mode: str = option("cluster", "mmseqs easy-cluster, or easy-linclust (linear time, for huge DBs)",
+                              choices=tuple(MODES))
 
 
 @dataclass
@@ -52,9 +71,6 @@ def exact_hash_clusters(hashes: np.ndarray) -> np.ndarray:
     rows = np.ascontiguousarray(hashes).view(f"V{hashes.shape[1]}").ravel()
     _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
     return first[inverse.ravel()].astype(np.int64)
-
-
-MODES = {"cluster": "easy-cluster", "linclust": "easy-linclust"}
 
 
 def mmseqs_clusters(fasta: str | os.PathLike, n: int, mmseqs: str, workdir: str | os.PathLike, min_seq_id: float = 0.3,
