@@ -14,7 +14,7 @@ Examples:
 
 Re-running the same command resumes from the newest checkpoint; a finished run does nothing.
 Exit status: 0 finished; 124 stopped by SIGTERM/SIGUSR1 (or --stop-after-steps) after saving a
-checkpoint, requeue and rerun to resume; 1 error. Details: tokenfold/train.py.
+checkpoint, requeue and rerun to resume; 1 error. Details: tokenfold/stop.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import sys
 from tokenfold import layout
 from tokenfold.cli import die, setup_logging
 from tokenfold.model import PRESETS, parse_overrides
-from tokenfold.train import EXIT_REQUEUE, TrainConfig, default_out, run_cli
+from tokenfold.stop import EXIT_REQUEUE
+from tokenfold.train import train
+from tokenfold.train_config import TrainConfig, default_out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +120,7 @@ def main(argv=None) -> int:
     setup_logging(args.verbose)
     try:
         cfg = config_from_args(args)
-        return run_cli(cfg)
+        return train(cfg).exit_code
     except (ValueError, FileNotFoundError, ImportError) as e:
         die(str(e))
 

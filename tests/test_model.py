@@ -7,8 +7,8 @@ import torch
 from conftest import foldseek_chains
 from tokenfold import checkpoint as ckpt
 from tokenfold.data import collate
+from tokenfold.loss import token_stats
 from tokenfold.model import PRESETS, build_config, build_model, count_params, flops_per_token, parse_overrides
-from tokenfold.train import token_stats
 from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab
 
 torch.set_num_threads(1)

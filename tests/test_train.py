@@ -16,7 +16,9 @@ from conftest import ROOT, SMALL_MODEL, foldseek_chains, metric_records, write_t
 from tokenfold import checkpoint as ckpt
 from tokenfold.data import TrainStream, padding_fraction, plan_epoch
 from tokenfold.shards import TokenDataset, TokenShardWriter
-from tokenfold.train import EXIT_OK, EXIT_REQUEUE, TrainConfig, train
+from tokenfold.stop import EXIT_OK, EXIT_REQUEUE
+from tokenfold.train import train
+from tokenfold.train_config import TrainConfig
 from tokenfold.vocab import Vocab
 
 torch.set_num_threads(1)   # 2 shared cores: one thread per process is the fastest and deterministic
