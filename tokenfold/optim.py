@@ -1,14 +1,19 @@
-"""The optimisation recipe of stage 05: AdamW without weight decay on norms and biases, and a linear
-warmup then cosine decay of the learning rate to ``min_lr_ratio * lr``. Gradient clipping and
-accumulation are done by the training loop (tokenfold/train.py).
+"""The optimisation recipe of stage 05: AdamW without weight decay on norms and biases, a linear warmup
+then cosine decay of the learning rate to ``min_lr_ratio * lr``, and the autocast precision the
+update runs in (bf16 on GPUs that have it, else fp32; never fp16, which would need a gradient
+scaler). Gradient clipping and accumulation are done by the training loop (tokenfold/train.py).
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
+from .device import pick_dtype
 from .train_config import TrainConfig
+
+log = logging.getLogger("tokenfold.optim")
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float):
@@ -33,3 +38,16 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
 
 def make_scheduler(optimizer, total_steps: int, warmup: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup, min_ratio))
+
+
+def train_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """`tokenfold.device.pick_dtype` for training: ``auto`` on a GPU without bfloat16 (where pick_dtype
+    gives float16) trains in float32, because fp16 autocast without a gradient scaler under- and
+    overflows; an explicit fp16 is refused."""
+    dtype = pick_dtype(precision, device)
+    if dtype != torch.float16:
+        return dtype
+    if precision == "auto":
+        log.warning("%s has no bfloat16: training in fp32 (fp16 would need a gradient scaler)", device)
+        return torch.float32
+    raise ValueError(f"precision {precision!r}: fp16 training is not supported (no gradient scaler); use bf16 or fp32")

@@ -6,7 +6,7 @@ section stage 05). This module is the loop only; its parts:
     tokenfold/train_config.py   every setting (the flags of 05_train_lm.py), what a resume must share
     tokenfold/data.py           batches: length-bucketed for SDPA, packed for FlashAttention-2
     tokenfold/loss.py           the loss (structure tokens + <eos>) and validation accuracy
-    tokenfold/optim.py          AdamW, warmup + cosine schedule
+    tokenfold/optim.py          AdamW, warmup + cosine schedule, the autocast precision
     tokenfold/stop.py           SIGTERM / SIGUSR1 and the exit statuses 0 / 124 / 1
     tokenfold/train_log.py      metrics.jsonl, curves.png
     tokenfold/checkpoint.py     checkpoints; tokenfold/distributed.py: DDP
@@ -36,10 +36,10 @@ from . import distributed
 from .artifacts import write_json_atomic
 from .cli import progress, seed_everything
 from .data import TrainStream, check_vocab, eval_batches, pick_layout
-from .device import autocast, dtype_name, pick_dtype
+from .device import autocast, dtype_name
 from .loss import evaluate, token_stats
 from .model import build_config, build_model, count_params, flops_per_token, pick_attention
-from .optim import make_optimizer, make_scheduler
+from .optim import make_optimizer, make_scheduler, train_dtype
 from .shards import TokenDataset
 from .stop import EXIT_OK, EXIT_REQUEUE, StopFlag
 from .train_config import TrainConfig, changed_settings, compat_fingerprint
@@ -101,7 +101,7 @@ class Trainer:
             raise ValueError(f"--max-len {cfg.max_len} exceeds the model's {self.model_cfg.max_position_embeddings} positions")
         self.attn = pick_attention(self.device, cfg.attn)
         self.layout = pick_layout(self.attn, cfg.batch_layout)
-        self.dtype = pick_dtype(cfg.precision, self.device)
+        self.dtype = train_dtype(cfg.precision, self.device)
         self.precision = dtype_name(self.dtype)
 
         # data and schedule length
