@@ -40,12 +40,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenfold.data import TrainStream, collate, layout_for  # noqa: E402
-from tokenfold.device import autocast, dtype_name, pick_device, pick_dtype  # noqa: E402
+from tokenfold.data import TrainStream, collate, pick_layout  # noqa: E402
+from tokenfold.device import autocast, dtype_name, pick_device  # noqa: E402
 from tokenfold.fasta import read_fasta  # noqa: E402
+from tokenfold.loss import token_stats  # noqa: E402
 from tokenfold.model import build_config, build_model, flops_per_token, pick_attention  # noqa: E402
+from tokenfold.optim import make_optimizer, train_dtype  # noqa: E402
 from tokenfold.shards import TokenDataset, TokenShardWriter  # noqa: E402
-from tokenfold.train import TrainConfig, make_optimizer, token_stats  # noqa: E402
+from tokenfold.train_config import TrainConfig  # noqa: E402
 from tokenfold.vocab import IGNORE_INDEX, PAD, Vocab  # noqa: E402
 
 REF_LEN = 1024
@@ -129,8 +131,8 @@ def main(argv=None) -> int:
     max_tokens = a.max_tokens or (16384 if gpu else 4096)
     n_steps = a.steps or (40 if gpu else 12)
     attn = pick_attention(device, a.attn)
-    layout = layout_for(attn)
-    amp = pick_dtype("auto", device)
+    layout = pick_layout(attn)
+    amp = train_dtype("auto", device)
 
     def clock():
         sync(device)

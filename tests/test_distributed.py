@@ -11,7 +11,9 @@ import torch
 
 from conftest import ROOT, SMALL_MODEL, foldseek_chains, metric_records, write_threedi_tokens
 from tokenfold.distributed import detect_launch, expand_nodelist, slurm_master_addr
-from tokenfold.train import EXIT_OK, TrainConfig, train
+from tokenfold.stop import EXIT_OK
+from tokenfold.train import train
+from tokenfold.train_config import TrainConfig
 
 torch.set_num_threads(1)
 

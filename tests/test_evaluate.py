@@ -85,7 +85,8 @@ def without_provenance(path: Path) -> dict:
 # ----------------------------------------------------------------------------- a trained 3Di model
 @pytest.fixture(scope="module")
 def trained_3di(small_db, tmp_path_factory):
-    from tokenfold.train import TrainConfig, train
+    from tokenfold.train import train
+    from tokenfold.train_config import TrainConfig
 
     root = tmp_path_factory.mktemp("eval3di")
     tok = subset_tokens(tokenize(small_db, root / "tokens_all", "3di"), root / "tokens", n=6)

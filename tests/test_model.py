@@ -1,15 +1,12 @@
-"""Stage 05 model: presets with the published shapes, batch layouts without leakage, the loss mask,
-and the checkpoint contract with stage 06 (AutoModelForCausalLM.from_pretrained + vocab.json)."""
-import numpy as np
+"""Stage 05 model: presets with the published shapes, overrides, the FLOP count, and batch layouts
+without leakage between examples."""
 import pytest
 import torch
 
 from conftest import foldseek_chains
-from tokenfold import checkpoint as ckpt
 from tokenfold.data import collate
 from tokenfold.model import PRESETS, build_config, build_model, count_params, flops_per_token, parse_overrides
-from tokenfold.train import token_stats
-from tokenfold.vocab import EOS, IGNORE_INDEX, Vocab
+from tokenfold.vocab import EOS, Vocab
 
 torch.set_num_threads(1)
 
@@ -64,32 +61,6 @@ def _examples(vocab, n=3):
     return [vocab.encode(aa, vocab.threedi_codes(ss)) for _, aa, ss in chains]
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_loss_mask_never_on_amino_acids(interleaved):
-    v = Vocab.for_kind("3di", interleaved=interleaved)
-    exs = _examples(v, 4)
-    for layout in ("padded", "packed"):
-        b = collate(exs, v, layout)
-        ids, lab = b.input_ids.numpy(), b.labels.numpy()
-        on = lab != IGNORE_INDEX
-        assert on.sum() == b.n_loss == sum(int(v.loss_mask(e).sum()) for e in exs)
-        assert (ids[on] == lab[on]).all()
-        assert v.is_struct(ids[on]).sum() + (ids[on] == EOS).sum() == on.sum()     # structure or <eos> only
-        aa = (ids >= v.aa_offset) & (ids < v.struct_offset)
-        assert aa.sum() == sum((len(e) - (3 if interleaved else 4)) // 2 for e in exs)  # every residue is there
-        assert not on[aa].any()                                                     # never an amino acid
-        assert (ids[on & (ids < v.aa_offset)] == EOS).all()                         # of the specials, only <eos>
-        # the training loss counts exactly those targets: shifting by one never puts an aa in the loss
-        V = v.size
-        logits = torch.randn(ids.shape[0], ids.shape[1], V)
-        loss_sum, _ = token_stats(logits, b.labels, v.struct_offset)
-        lp = torch.log_softmax(logits[:, :-1], -1)
-        tgt = torch.from_numpy(ids[:, 1:])
-        keep = torch.from_numpy(v.loss_mask(ids[:, 1:]) & (lab[:, 1:] != IGNORE_INDEX))
-        manual = -lp.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)[keep].sum()
-        assert torch.allclose(loss_sum, manual)
-
-
 def test_packed_and_padded_layouts_do_not_leak_between_examples():
     """Every example gets the same logits alone, in a padded length-bucketed batch, and packed in one row."""
     v = Vocab.for_kind("3di")
@@ -107,27 +78,3 @@ def test_packed_and_padded_layouts_do_not_leak_between_examples():
         torch.testing.assert_close(padded[r, : len(e)], ref, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(packed[start: start + len(e)], ref, atol=2e-5, rtol=1e-4)
         start += len(e)
-
-
-def test_checkpoint_loads_with_auto_model_and_for_inference(tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    v = Vocab.for_kind("3di")
-    model = build_model(build_config("tiny", v, {"num_hidden_layers": 1, "hidden_size": 64,
-                                                  "intermediate_size": 128}), "sdpa", seed=1)
-    run = tmp_path / "run"
-    d = ckpt.save(ckpt.step_dir(run, 7), model, v, {"step": 7, "note": "x", "t": torch.arange(3)}, {"step": 7})
-    ckpt.publish(d, run / "final")
-    x = torch.from_numpy(_examples(v, 1)[0])[None]
-    with torch.no_grad():
-        ref = model.eval()(input_ids=x).logits
-        auto = AutoModelForCausalLM.from_pretrained(run / "final").eval()
-        torch.testing.assert_close(auto(input_ids=x).logits, ref)
-        m2, v2 = ckpt.load_for_inference(run, device="cpu")   # a run directory resolves to final/
-        torch.testing.assert_close(m2(input_ids=x).logits, ref)
-    assert v2.to_dict() == v.to_dict() and not m2.training
-    state = ckpt.load_trainer_state(d)                         # weights_only=True
-    assert state["step"] == 7 and torch.equal(state["t"], torch.arange(3))
-    assert [s for s, _ in ckpt.list_checkpoints(run)] == [7]
-    np.testing.assert_equal(sorted(p.name for p in (run / "final").iterdir()),
-                            sorted(p.name for p in d.iterdir()))

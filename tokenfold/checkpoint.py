@@ -1,6 +1,6 @@
 """Checkpoints of the translator: the contract with stage 06 and with `--resume`.
 
-A checkpoint is a directory (``data/runs/<run>/checkpoints/step_000500/``, and ``final/``)::
+A checkpoint is a directory (where a run keeps them: data/README.md, section stage 05)::
 
     config.json, generation_config.json, model.safetensors    `save_pretrained` (fp32 weights):
                                         transformers.AutoModelForCausalLM.from_pretrained(dir) loads it

@@ -66,9 +66,25 @@ log = logging.getLogger("tokenfold.data")
 LAYOUTS = ("padded", "packed")
 
 
-def layout_for(attn_implementation: str) -> str:
-    """The batch layout that suits an attention implementation (see the module docstring)."""
-    return "packed" if attn_implementation.startswith("flash_attention") else "padded"
+def pick_layout(attn_implementation: str, requested: str = "auto") -> str:
+    """`auto`: the batch layout that suits an attention implementation (see the module docstring).
+    Anything else as given, once checked: packed rows need flash-attn, or transformers >= 5 for SDPA."""
+    flash = attn_implementation.startswith("flash_attention")
+    if requested == "auto":
+        return "packed" if flash else "padded"
+    if requested == "packed" and not flash and not _packed_sdpa_supported():
+        raise ValueError("the packed layout needs flash_attention_2, or transformers >= 5 for SDPA; "
+                         "use --batch-layout padded")
+    return requested
+
+
+def _packed_sdpa_supported() -> bool:
+    """transformers >= 5 derives a block-diagonal mask from restarting position_ids for SDPA."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- planning

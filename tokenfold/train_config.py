@@ -1,0 +1,103 @@
+"""Every setting of a stage-05 training run (`TrainConfig`: each field is also the command-line flag of
+05_train_lm.py, see `tokenfold.cli.option`), and which of them a resumed run must share with the
+checkpointed one.
+
+Resuming compares a fingerprint of the settings (`compat_fingerprint`: everything but the
+`RESUME_MUTABLE` ones, with the schedule length and the batch layout as resolved) with the one in
+``run_config.json`` (`changed_settings`). A setting the old run does not record (an option added
+since) counts as its default, so runs made before an option existed still resume.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import layout
+from .artifacts import read_json
+from .cli import option
+from .model import PRESETS
+from .stop import EXIT_REQUEUE
+
+# settings that may change when resuming (everything else must match the checkpointed run)
+RESUME_MUTABLE = {"out", "tokens", "resume", "overwrite", "eval_every", "eval_max_examples", "save_every",
+                  "keep_last", "log_every", "wandb", "wandb_project", "compile", "grad_checkpointing",
+                  "threads", "device", "stop_after_steps", "attn", "grad_accum"}
+
+IO, MODEL, BATCHES, OPTIM, LOGS, MACHINE = ("inputs and outputs", "model", "batches", "optimisation",
+                                            "evaluation, checkpoints, logs", "machine")
+
+
+@dataclass
+class TrainConfig:
+    tokens: str = option(str(layout.tokens_dir("3di")),
+                         "token directory of stage 04: vocab.json, train/ and val/ shards", group=IO)
+    out: str = option(str(layout.RUNS / "3di_tiny"),
+                      f"run directory (default: {layout.RUNS}/<tokens name>_<preset>, e.g. {layout.RUNS}/3di_tiny)",
+                      group=IO)
+    preset: str = option("tiny", "architecture", group=MODEL, choices=sorted(PRESETS))
+    model_overrides: dict = option(help="LlamaConfig fields over the preset's", default_factory=dict,
+                                   cli=False)   # --set KEY=VALUE in 05_train_lm.py
+    attn: str = option("auto", "auto (flash_attention_2 on GPU when installed, else sdpa) | sdpa | "
+                       "flash_attention_2 | eager", group=MODEL)
+    batch_layout: str = option("auto", "padded = length-bucketed rows (SDPA), packed = one varlen row "
+                               "(flash-attn); auto follows --attn", group=BATCHES, choices=["auto", "padded", "packed"])
+    max_tokens: int = option(16384, "tokens per micro-batch per rank, padding included", group=BATCHES)
+    max_len: int = option(2048, "truncate longer examples", group=BATCHES)
+    bucket_window: int = option(4096, "examples length-sorted together", group=BATCHES)
+    struct_input_noise: float = option(
+        0.0, "replace each structure token fed to the model by a random one with probability P (labels stay "
+        "true; trades teacher-forced for free-running accuracy, see tokenfold/data.py)", group=BATCHES, metavar="P")
+    grad_accum: int = option(1, "micro-batches per rank per step", group=BATCHES)
+    max_steps: int | None = option(None, "optimizer steps (default: --epochs epochs)", group=OPTIM)
+    epochs: float | None = option(None, "epochs when --max-steps is not given (default 1)", group=OPTIM)
+    lr: float = option(3e-4, "peak learning rate", group=OPTIM)
+    min_lr_ratio: float = option(0.1, "final LR / peak LR", group=OPTIM)
+    warmup_steps: int | None = option(None, "linear warmup steps (default: 5%% of the steps)", group=OPTIM)
+    weight_decay: float = option(0.1, "AdamW weight decay (not on norms and biases)", group=OPTIM)
+    beta1: float = option(0.9, "AdamW beta1", group=OPTIM)
+    beta2: float = option(0.95, "AdamW beta2", group=OPTIM)
+    grad_clip: float = option(1.0, "max gradient norm", group=OPTIM)
+    precision: str = option("auto", "auto = bf16 autocast on a GPU with bf16 (else fp32), fp32 on CPU",
+                            group=OPTIM, choices=["auto", "fp32", "bf16"])
+    grad_checkpointing: bool = option(False, "recompute activations in backward", group=OPTIM)
+    compile: bool = option(False, "torch.compile the model (dynamic shapes)", group=OPTIM)
+    seed: int = option(0, "seed of the initial weights, the batch plan, the input noise and the val subset",
+                       group=OPTIM)
+    eval_every: int = option(500, "validate every N steps (0: only at the end)", group=LOGS)
+    eval_max_examples: int | None = option(1000, "fixed seeded subset of val examples", group=LOGS)
+    save_every: int = option(1000, "checkpoint every N steps (0: only at the end)", group=LOGS)
+    keep_last: int = option(3, "step checkpoints kept", group=LOGS)
+    log_every: int = option(10, "metrics line every N steps", group=LOGS)
+    resume: str = option("auto", "auto (newest checkpoint if any) | latest (must exist) | a checkpoint dir",
+                         cli=False)   # --resume [CKPT] in 05_train_lm.py
+    overwrite: bool = option(False, "delete the run directory and start over", group=IO)
+    wandb: bool = option(False, "also log to Weights & Biases (needs `pip install wandb`)", group=LOGS)
+    wandb_project: str = option("tokenfold", "Weights & Biases project", group=LOGS)
+    threads: int | None = option(None, "torch CPU threads per process", group=MACHINE)
+    device: str = option("auto", "auto (cuda:LOCAL_RANK if a GPU is visible, else cpu) | cpu | cuda", group=MACHINE)
+    stop_after_steps: int | None = option(
+        None, f"save and exit with status {EXIT_REQUEUE} after N steps of this session (time slicing, tests)",
+        group=LOGS)
+
+
+def default_out(tokens: str | os.PathLike, preset: str) -> Path:
+    """The run directory when --out is not given: data/runs/<tokens name>_<preset>."""
+    return layout.RUNS / f"{Path(tokens).name}_{preset}"
+
+
+def compat_fingerprint(cfg: TrainConfig, total_steps: int, layout_name: str, world: int) -> dict:
+    """The settings a resumed run must share with the checkpointed one."""
+    d = {k: v for k, v in asdict(cfg).items() if k not in RESUME_MUTABLE | {"max_steps", "epochs"}}
+    d.update(total_steps=total_steps, batch_layout=layout_name, microbatches_per_step=cfg.grad_accum * world)
+    return d
+
+
+def changed_settings(run_dir: Path, new: dict) -> list[str]:
+    """Settings in fingerprint `new` that differ from the one in run_dir/run_config.json (none if there
+    is no such file). A setting the old run does not record (an option added since) counts as its default."""
+    path = run_dir / "run_config.json"
+    if not path.exists():
+        return []
+    old, default = read_json(path)["fingerprint"], asdict(TrainConfig())
+    return sorted(k for k in set(old) | set(new) if old.get(k, default.get(k)) != new.get(k, default.get(k)))
