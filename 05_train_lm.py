@@ -30,11 +30,8 @@ from tokenfold.train_config import IO, MACHINE, MODEL, TrainConfig, default_out
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, TrainConfig, defaults={"out": None})
     # the few flags that are not a plain field go into the groups add_options made
-    groups = {}
-    for g in p._action_groups:
-        groups.setdefault(g.title, g)
+    groups = add_options(p, TrainConfig, defaults={"out": None})
     groups[IO].add_argument("--resume", nargs="?", const="latest", default="auto", metavar="CKPT",
                             help="default: continue from the newest checkpoint of --out when there is one "
                                  "(--overwrite starts over). --resume alone: there must be one. --resume DIR: "

@@ -101,11 +101,13 @@ def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
-def add_options(parser: argparse.ArgumentParser, cls, *, skip=(), defaults: dict | None = None) -> None:
+def add_options(parser: argparse.ArgumentParser, cls, *, skip=(), defaults: dict | None = None) -> dict:
     """Add one flag per field of dataclass `cls` to `parser` (module docstring). `skip`: field names
-    the caller handles itself; `defaults`: flag defaults that differ from the field defaults."""
+    the caller handles itself; `defaults`: flag defaults that differ from the field defaults.
+    Returns the argument groups by title (groups the parser already had are reused), so a script can
+    add its few hand-written flags where they belong."""
     hints = typing.get_type_hints(cls)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups = {g.title: g for g in parser._action_groups if g.title}
     defaults = defaults or {}
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.metadata.get("cli", True):
@@ -116,7 +118,9 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip=(), defaults: dict
         target = parser
         if f.metadata.get("group"):
             g = f.metadata["group"]
-            target = groups.setdefault(g, parser.add_argument_group(g))
+            if g not in groups:
+                groups[g] = parser.add_argument_group(g)
+            target = groups[g]
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         help_ = f.metadata.get("help", "")
         kw = dict(dest=f.name, default=default)
@@ -131,6 +135,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, skip=(), defaults: dict
             if default is not None:
                 help_ += " (default: %(default)s)"
         target.add_argument(flag_name(f), help=help_.strip() or None, **kw)
+    return groups
 
 
 def options_from_args(cls, args: argparse.Namespace, **extra):
