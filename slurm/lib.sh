@@ -1,7 +1,7 @@
 # slurm/lib.sh - shared by slurm/run_pipeline.sh and the per-stage sbatch scripts (sourced, not run).
 #
 #   tf_init                   find the repo, cd there, read the pipeline config, pick the Python
-#   tf_load_config FILE       read a config file (format: tokenfold/config.py; the environment wins)
+#   tf_load_config FILE       export a config file's values (read by tokenfold/config.py; the environment wins)
 #   tf_cmd / tf_python        a stage's command line / run it (srun when a job has several tasks)
 #   tf_words VAR              split a *_ARGS value into words, quotes respected
 #   TF_STAGES / tf_stage_*    the stage table: script, sharded or not, "complete" test, reports
@@ -20,60 +20,21 @@ tf_die() { printf '[tokenfold] error: %s\n' "$*" >&2; exit 1; }
 tf_find_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); }
 
 # ----------------------------------------------------------------------------- config files
-# Same rules as tokenfold/config.py (tests/test_pipeline.py checks both agree): KEY=value lines,
-# '#' comments, "double" quotes expand ${NAME}/$NAME, 'single' quotes are literal, a KEY already in
-# the environment keeps its value. Every key is exported; TF_CONFIG_KEYS lists them in file order.
-tf_load_config() {
-  local _tf_file=$1 _tf_n=0 _tf_line _tf_key _tf_raw _tf_val _tf_q _tf_rest _tf_expand _tf_name
-  [ -f "$_tf_file" ] || tf_die "pipeline config not found: $_tf_file"
-  local -A _tf_env=() _tf_seen=()
-  for _tf_name in $(compgen -e); do _tf_env[$_tf_name]=1; done
-  TF_CONFIG_KEYS=()
-  while IFS= read -r _tf_line || [ -n "$_tf_line" ]; do
-    _tf_n=$((_tf_n + 1))
-    _tf_line=$(_tf_trim "$_tf_line")
-    [[ -z $_tf_line || $_tf_line == '#'* ]] && continue
-    [[ $_tf_line =~ ^(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] \
-      || tf_die "$_tf_file:$_tf_n: expected KEY=value, got: $_tf_line"
-    _tf_key=${BASH_REMATCH[2]}
-    _tf_raw=${BASH_REMATCH[3]}
-    _tf_expand=1
-    if [[ $_tf_raw =~ ^[[:space:]] ]]; then   # "KEY=   # comment": empty; "KEY= value": an error (as in sh)
-      _tf_raw=$(_tf_trim "$_tf_raw")
-      [[ -z $_tf_raw || $_tf_raw == '#'* ]] || tf_die "$_tf_file:$_tf_n: space after '=' (write KEY=value, or quote the value)"
-      _tf_val=""; _tf_expand=0
-    elif [[ $_tf_raw == \'* || $_tf_raw == \"* ]]; then
-      _tf_q=${_tf_raw:0:1}; _tf_rest=${_tf_raw:1}
-      [[ $_tf_rest == *"$_tf_q"* ]] || tf_die "$_tf_file:$_tf_n: unterminated $_tf_q-quoted value"
-      _tf_val=${_tf_rest%%"$_tf_q"*}
-      _tf_rest=$(_tf_trim "${_tf_rest#*"$_tf_q"}")
-      [[ -z $_tf_rest || $_tf_rest == '#'* ]] || tf_die "$_tf_file:$_tf_n: text after the closing quote: $_tf_rest"
-      [ "$_tf_q" = "'" ] && _tf_expand=0
-    else
-      _tf_val=$_tf_raw
-      if [[ $_tf_val =~ [[:space:]]# ]]; then _tf_val=$(_tf_trim "${_tf_val%%"${BASH_REMATCH[0]}"*}"); fi
-      [[ $_tf_val =~ [[:space:]] ]] && tf_die "$_tf_file:$_tf_n: unquoted value with spaces (quote it): $_tf_val"
-    fi
-    [ $_tf_expand = 1 ] && _tf_val=$(_tf_expand_refs "$_tf_val")
-    [ -z "${_tf_seen[$_tf_key]:-}" ] && TF_CONFIG_KEYS+=("$_tf_key")
-    _tf_seen[$_tf_key]=1
-    if [ -z "${_tf_env[$_tf_key]:-}" ]; then export "$_tf_key=$_tf_val"; fi
-  done < "$_tf_file"
+# tf_pick_python: PY = $PYTHON, else the checkout's .venv/bin/python, else python3.
+tf_pick_python() {
+  PY=${PYTHON:-}
+  if [ -z "$PY" ]; then
+    if [ -x "$(tf_find_root)/.venv/bin/python" ]; then PY=$(tf_find_root)/.venv/bin/python; else PY=python3; fi
+  fi
 }
-_tf_trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
-# expand ${NAME} / $NAME from exported variables only (what Python's os.environ sees), empty if unset
-_tf_expand_refs() {
-  local s=$1 out="" name
-  while [[ $s == *'$'* ]]; do
-    out+=${s%%'$'*}; s=${s#*'$'}
-    if [[ $s =~ ^\{([A-Za-z_][A-Za-z0-9_]*)\}(.*)$ ]] || [[ $s =~ ^([A-Za-z_][A-Za-z0-9_]*)(.*)$ ]]; then
-      name=${BASH_REMATCH[1]}; s=${BASH_REMATCH[2]}
-      out+=$(printenv "$name" || true)
-    else
-      out+='$'
-    fi
-  done
-  printf '%s' "$out$s"
+# tf_load_config FILE: export every KEY of FILE as tokenfold/config.py resolves it (a KEY already in
+# the environment keeps its value); a bad line stops here with one line naming FILE:LINE.
+tf_load_config() {
+  local file=$1 out
+  [[ $file == /* ]] || file=$PWD/$file
+  [ -n "${PY:-}" ] || tf_pick_python
+  out=$(cd "$(tf_find_root)" && "$PY" -m tokenfold.config --config "$file" --export) || exit 1
+  eval "$out"
 }
 
 # ----------------------------------------------------------------------------- init
@@ -89,11 +50,9 @@ tf_init() {
   [ -f "$cfg" ] || tf_die "pipeline config not found: $cfg (set TOKENFOLD_CONFIG or pass --config)"
   TF_CONFIG=$(cd "$(dirname "$cfg")" && pwd)/$(basename "$cfg")
   export TOKENFOLD_CONFIG=$TF_CONFIG
+  tf_pick_python                 # to read the config
   tf_load_config "$TF_CONFIG"
-  PY=${PYTHON:-}
-  if [ -z "$PY" ]; then
-    if [ -x "$TF_ROOT/.venv/bin/python" ]; then PY=$TF_ROOT/.venv/bin/python; else PY=python3; fi
-  fi
+  tf_pick_python                 # the config's PYTHON, when it names one
   export PYTHON=$PY
   export LOG_DIR=${LOG_DIR:-${TOKENFOLD_DATA:-data}/logs}
   mkdir -p "$LOG_DIR"
