@@ -14,10 +14,10 @@
 # The jobs come from tokenfold/pipeline.py (`python -m tokenfold.pipeline plan`, the one stage table);
 # this script only submits them. On SLURM each job waits for the one before it (--dependency=afterok,
 # --kill-on-invalid-dep=yes: a failed stage cancels everything after it). Sharded stages (01, 02, 04,
-# 06) with S<NN>_ARRAY > 1 are arrays of that many tasks followed by a finalize job. Stages whose
-# final artifact already exists are skipped, so re-running after a failure resubmits only what is
-# unfinished. Stage 05 requeues itself after a preemption or time-limit signal (see
-# slurm/05_train_lm.sbatch).
+# 06) with S<NN>_ARRAY > 1 are arrays of that many tasks followed by a finalize job; with
+# TOKEN_KIND=geo a job fitting the geo codebook runs before stage 04's. Stages whose final artifact
+# already exists are skipped, so re-running after a failure resubmits only what is unfinished. Stage
+# 05 requeues itself after a preemption or time-limit signal (see slurm/05_train_lm.sbatch).
 #
 # Options:
 #   --config FILE   pipeline config (default: $TOKENFOLD_CONFIG, else slurm/config/demo.env);

@@ -81,6 +81,27 @@ def test_plan_demo_arrays_finalize_jobs_and_selection(tmp_path):
     assert [j.status for j in plan(load_config(DEMO, env=env), start="01", until="01")] == ["todo"] * 2
 
 
+def test_geo_tokens_fit_the_codebook_in_a_job_before_stage_04(tmp_path):
+    """TOKEN_KIND=geo: stage 04 starts with one job that fits the geo codebook (S04_FIT_* resources,
+    else S04_*); the tokenizing jobs come after it, on SLURM and on one machine."""
+    env = clean_env(TOKENFOLD_DATA=tmp_path, TOKEN_KIND="geo", S04_ARGS="--geo-k 64")
+    jobs = [j for j in plan(load_config(DEMO, env=env)) if j.stage == "04"]
+    assert [(j.phase, j.tasks) for j in jobs] == [("fit", 1), ("array", 2), ("finalize", 1)]
+    fit = jobs[0]
+    assert fit.args == ["--fit-geo-codebook"] and fit.script == "slurm/04_tokenize.sbatch"
+    assert fit.job_name == "tf-04-tokenize-fit"
+    assert fit.resources == jobs[1].resources                        # nothing of its own: S04_*
+    fit = plan(load_config(DEMO, env=dict(env, S04_FIT_CPUS="3", S04_FIT_TIME="01:00:00")))[5]
+    assert (fit.phase, fit.resources.cpus, fit.resources.time, fit.resources.mem) == ("fit", 3, "01:00:00", "2G")
+    # --from 04 redoes the tokens (--overwrite); the fit job only verifies the codebook, keyed on its inputs
+    redo = [j for j in plan(load_config(DEMO, env=env), start="04") if j.stage == "04"]
+    assert [j.args for j in redo] == [["--fit-geo-codebook"], ["--overwrite"], ["--finalize", "--overwrite"]]
+    local = [(j.phase, j.args) for j in plan(load_config(DEMO, env=env), local=True) if j.stage == "04"]
+    assert local == [("fit", ["--fit-geo-codebook"]), ("job", [])]
+    # other kinds need no fit job
+    assert not [j for j in plan(load_config(DEMO, env=clean_env(TOKENFOLD_DATA=tmp_path))) if j.phase == "fit"]
+
+
 RULES = """# resources: what each job asks for, from S<NN>_* keys and the cluster-wide ones
 TOKENFOLD_DATA=/nonexistent
 PARTITION=cpu
@@ -100,6 +121,7 @@ S03_PARTITION=special
 S04_ARRAY=2
 S04_CPUS=4
 S04_GPUS=1
+S04_FIT_MEM=50G
 S04_SBATCH_EXTRA=--exclusive
 S05_NODES=2
 S05_NTASKS_PER_NODE=4
@@ -112,7 +134,8 @@ S06_FIN_GPUS=1
 
 
 def test_plan_resources_follow_the_rules(tmp_path):
-    """Finalize jobs read S<NN>_FIN_* first, ask for no GPU unless told, and are one task. GPU jobs
+    """Finalize jobs read S<NN>_FIN_* first and ask for no GPU unless told; the fit job reads S04_FIT_*
+    first and inherits everything else, GPUs included; fit and finalize jobs are one task. GPU jobs
     go to GPU_PARTITION with --gres, the others to PARTITION; S<NN>_PARTITION wins over both."""
     cfg_file = tmp_path / "rules.env"
     cfg_file.write_text(RULES)
@@ -125,8 +148,8 @@ def test_plan_resources_follow_the_rules(tmp_path):
     assert {"--gres=gpu:a100:1", "--partition=gpu"} <= set(opts["02", "array"])
     assert "--partition=cpu" in opts["02", "finalize"] and not any(o.startswith("--gres") for o in opts["02", "finalize"])
     assert {"--gres=gpu:a100:1", "--partition=special"} <= set(opts["03", "job"])
-    assert opts["04", "array"] == ["--cpus-per-task=4", "--gres=gpu:a100:1", "--partition=gpu", "--account=acct",
-                                   "--constraint=x", "--exclusive"]
+    assert opts["04", "fit"] == ["--cpus-per-task=4", "--mem=50G", "--gres=gpu:a100:1", "--partition=gpu",
+                                 "--account=acct", "--constraint=x", "--exclusive"]
     assert {"--gres=gpu:a100:4", "--nodes=2", "--ntasks-per-node=4", "--signal=B:USR1@600", "--partition=gpu"} \
         <= set(opts["05", "job"])
     assert "--nodes=2" in opts["06", "array"] and not any(o.startswith("--nodes") for o in opts["06", "finalize"])
@@ -162,14 +185,15 @@ def fake_sbatch_env(tmp_path: Path, **extra) -> dict:
 
 def test_run_pipeline_submits_each_job_after_the_one_before(tmp_path):
     """The chain: every job waits for the previous one (afterok, cancelled when it fails), arrays get
-    --array and their own log names, each job asks for its planned resources. --plan prints the plan."""
-    env = fake_sbatch_env(tmp_path)
+    --array and their own log names, each job asks for its planned resources; the geo fit job
+    precedes stage 04's array. --plan prints the plan."""
+    env = fake_sbatch_env(tmp_path, TOKEN_KIND="geo")
     p = subprocess.run(["bash", str(PIPELINE), "--config", str(DEMO)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     calls = [shlex.split(line) for line in (tmp_path / "sbatch.log").read_text().splitlines()]
     jobs = plan(load_config(DEMO, env=env))
-    assert len(calls) == len(jobs) == 9
+    assert len(calls) == len(jobs) == 10
     for i, (call, job) in enumerate(zip(calls, jobs)):
         k = call.index(job.script)
         opts, args = call[:k], call[k + 1:]
@@ -178,18 +202,47 @@ def test_run_pipeline_submits_each_job_after_the_one_before(tmp_path):
         assert [o for o in opts if o.startswith("--dependency")] == ([f"--dependency=afterok:{1000 + i - 1}"] if i else [])
         assert set(job.resources.sbatch_options()) <= set(opts)
         assert [o for o in opts if o.startswith("--array")] == (["--array=0-1"] if job.phase == "array" else [])
+    fit, array = calls[5], calls[6]
+    assert fit[-1] == "--fit-geo-codebook" and "--job-name=tf-04-tokenize-fit" in fit
+    assert "--dependency=afterok:1005" in array and "--job-name=tf-04-tokenize" in array
     record = next((tmp_path / "data" / "logs").glob("submitted-*.tsv")).read_text().splitlines()
     assert [tuple(r.split("\t")) for r in record] == [(j.stage, j.phase, str(1000 + i)) for i, j in enumerate(jobs)]
-    assert "Submitted jobs: " + " ".join(str(1000 + i) for i in range(9)) in p.stdout
+    assert "Submitted jobs: " + " ".join(str(1000 + i) for i in range(10)) in p.stdout
     # --plan: the same jobs, for people; nothing submitted
     out = subprocess.run(["bash", str(PIPELINE), "--plan", "--config", str(DEMO)], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("# config=") and out[0].endswith("mode=slurm")
     assert out[1:] == [j.shell_line() for j in jobs]
-    assert len((tmp_path / "sbatch.log").read_text().splitlines()) == 9
+    assert len((tmp_path / "sbatch.log").read_text().splitlines()) == 10
     bad = subprocess.run(["bash", str(PIPELINE), "--plan"], cwd=ROOT, env=dict(env, STAGES="01 07"),
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown stage '07'" in bad.stderr
+
+
+FAKE_PYTHON = """#!/bin/bash
+# a stand-in for the stage scripts (records their command lines); anything else runs in Python
+case ${1:-} in 0[1-6]_*.py) printf '%s\\n' "$*" >> "$FAKE_PY_LOG"; exit 0 ;; esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_local_chain_fits_the_geo_codebook_before_stage_04(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = clean_env(TOKENFOLD_DATA=tmp_path / "data", TOKEN_KIND="geo", PYTHON=fake, REAL_PYTHON=sys.executable,
+                    FAKE_PY_LOG=tmp_path / "calls.log")
+    p = subprocess.run(["bash", str(PIPELINE), "--local", "--config", str(DEMO), "--until", "04"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    calls = [line.split() for line in (tmp_path / "calls.log").read_text().splitlines()]
+    assert [(c[0], "--fit-geo-codebook" in c) for c in calls] == [
+        ("01_prepare_db.py", False), ("02_extract_esm_embeddings.py", False), ("03_train_codebook.py", False),
+        ("04_tokenize.py", True), ("04_tokenize.py", False)]
+    assert calls[3][calls[3].index("--tokens") + 1] == "geo"
+    times = [line.split("\t")[:3] for line in (tmp_path / "data" / "logs" / "local-stage-times.tsv").read_text().splitlines()]
+    assert times[3:] == [["04", "tokenize-fit", "ran"], ["04", "tokenize", "ran"]]
+    assert (tmp_path / "data" / "logs" / "04-tokenize-fit.log").is_file()
 
 
 # ----------------------------------------------------------------------------- the local chain

@@ -11,12 +11,13 @@ list of shell assignments (`stage=04 phase=array ... sbatch=(--cpus-per-task=1 .
 Per stage (`STAGES`): its batch script `slurm/NN_<name>.sbatch`, whether it is sharded (01, 02, 04,
 06: with S<NN>_ARRAY > 1 an array of that many tasks, then a finalize job; else one job that
 finalizes itself), the file it writes last (its "complete" marker: a stage whose marker exists is
-skipped), and the reports a person opens. `--local` plans what one machine runs: every stage as one
-job.
+skipped), and the reports a person opens. With TOKEN_KIND=geo, stage 04 first runs one job that
+fits the geo codebook (`04_tokenize.py --fit-geo-codebook`), and the tokenizing jobs wait for it.
+`--local` plans what one machine runs: every stage as one job (the fit job still first).
 
 Resources come from the config: S<NN>_{CPUS,MEM,TIME,GPUS,NODES,NTASKS_PER_NODE,PARTITION,SBATCH_EXTRA}.
-A finalize job reads S<NN>_FIN_<FIELD> first, falling back to S<NN>_<FIELD> (no GPU unless
-S<NN>_FIN_GPUS, one task). The partition is
+A finalize job reads S<NN>_FIN_<FIELD> first (no GPU unless S<NN>_FIN_GPUS, one task), the geo fit
+job S04_FIT_<FIELD> first (one task), both falling back to S<NN>_<FIELD>. The partition is
 S<NN>_PARTITION, else GPU_PARTITION for a job with GPUs, else PARTITION (empty: the cluster's
 default). ACCOUNT, QOS, GPU_GRES and SBATCH_EXTRA apply to every job; stage 05 gets
 --signal=B:USR1@S05_SIGNAL_SECS, its warning to save and requeue itself.
@@ -31,8 +32,6 @@ from pathlib import Path
 
 from .config import CONFIG_ENV, DEFAULT_CONFIG, ROOT, ConfigError, PipelineConfig, load_config
 
-PHASES = ("array", "finalize", "job")   # job: a stage in one job (unsharded, or one task)
-
 
 @dataclass(frozen=True)
 class Stage:
@@ -42,6 +41,7 @@ class Stage:
     marker: str                       # written last: exists = complete (${KEY} from the config)
     reports: tuple[str, ...]
     kind_reports: dict[str, tuple[str, ...]] = field(default_factory=dict)   # TOKEN_KIND -> more reports
+    fit: dict[str, tuple[str, ...]] = field(default_factory=dict)   # TOKEN_KIND -> args of a job run first
     requeues: bool = False            # saves and requeues itself on SLURM's warning signal
 
     @property
@@ -58,7 +58,8 @@ STAGES = (
            "${CODEBOOK_DIR}/cluster_sizes_K${CODEBOOK_K}.png")),
     Stage("04", "tokenize", True, "${TOKENS_DIR}/manifest.json",
           ("${TOKENS_DIR}/report.json", "${TOKENS_DIR}/token_frequency.png", "${TOKENS_DIR}/lengths.png"),
-          kind_reports={"geo": ("${TOKENS_DIR}/geo_rmsd_hist.png", "${TOKENS_DIR}/geo_rmsd_vs_length.png")}),
+          kind_reports={"geo": ("${TOKENS_DIR}/geo_rmsd_hist.png", "${TOKENS_DIR}/geo_rmsd_vs_length.png")},
+          fit={"geo": ("--fit-geo-codebook",)}),
     Stage("05", "train_lm", False, "${RUN_DIR}/final",
           ("${RUN_DIR}/report.json", "${RUN_DIR}/metrics.jsonl", "${RUN_DIR}/curves.png"), requeues=True),
     Stage("06", "evaluate", True, "${EVAL_DIR}/metrics.json",
@@ -115,11 +116,11 @@ def _words(cfg: PipelineConfig, key: str) -> list[str]:
 def resources(cfg: PipelineConfig, stage: Stage, phase: str) -> Resources:
     """The resources of one job of `stage` (rules in the module docstring)."""
     base = f"S{stage.number}_"
-    own = base + "FIN_" if phase == "finalize" else ""
+    own = {"finalize": base + "FIN_", "fit": base + "FIT_"}.get(phase)
 
     def key(name: str, inherit: bool = True) -> str:
-        """The key a field is read from: a finalize job's own S<NN>_FIN_<name> when it is set (or when the
-        field is not inherited), else the stage's S<NN>_<name>."""
+        """The key a field is read from: the phase's own S<NN>_FIN_/S<NN>_FIT_<name> when it is set (or
+        when the field is not inherited), else the stage's S<NN>_<name>."""
         return own + name if own and (cfg.lookup(own + name) or not inherit) else base + name
 
     gpus = _number(cfg, key("GPUS", inherit=phase != "finalize"), "0")
@@ -129,7 +130,7 @@ def resources(cfg: PipelineConfig, stage: Stage, phase: str) -> Resources:
     return Resources(
         cpus=_number(cfg, key("CPUS"), "1"), mem=cfg.lookup(key("MEM")), time=cfg.lookup(key("TIME")), gpus=gpus,
         gres=cfg.lookup("GPU_GRES", "gpu"),
-        nodes="" if own else cfg.lookup(base + "NODES"),          # finalize jobs are one task
+        nodes="" if own else cfg.lookup(base + "NODES"),          # fit and finalize jobs are one task
         ntasks_per_node="" if own else cfg.lookup(base + "NTASKS_PER_NODE"),
         partition=partition, account=cfg.lookup("ACCOUNT"), qos=cfg.lookup("QOS"),
         signal=f"B:USR1@{signal_secs}" if signal_secs else "",
@@ -142,19 +143,19 @@ class Job:
 
     stage: str
     name: str
-    phase: str                        # one of PHASES
+    phase: str                        # fit | array | finalize | job (a whole stage in one job)
     status: str                       # todo | complete (the stage's marker exists and no --from redoes it)
     tasks: int                        # array tasks (1 for the other phases)
     script: str                       # relative to the repository root
-    args: list[str]                   # after the script: --finalize, --overwrite
+    args: list[str]                   # after the script: --finalize, --fit-geo-codebook, --overwrite
     marker: str
     reports: list[str]
     resources: Resources
 
     @property
     def label(self) -> str:
-        """`<name>`, or `<name>-finalize`: names the job and its log."""
-        return self.name + ("-finalize" if self.phase == "finalize" else "")
+        """`<name>`, or `<name>-fit` / `<name>-finalize`: names the job and its log."""
+        return self.name + (f"-{self.phase}" if self.phase in ("fit", "finalize") else "")
 
     @property
     def job_name(self) -> str:
@@ -185,7 +186,7 @@ def _path(cfg: PipelineConfig, template: str) -> str:
     return str(ROOT / p) + ("/" if p.endswith("/") else "")
 
 
-def plan(cfg: PipelineConfig, start: str | None = None, until: str | None = None,
+def plan(cfg: PipelineConfig, start: str | int | None = None, until: str | int | None = None,
          local: bool = False) -> list[Job]:
     """The jobs that run the pipeline, in order. start: redo stage `start` and later even when complete
     (their jobs get --overwrite); until: leave out the stages after it; local: one job per stage."""
@@ -201,10 +202,12 @@ def plan(cfg: PipelineConfig, start: str | None = None, until: str | None = None
         reports = [_path(cfg, r) for r in stage.reports + stage.kind_reports.get(kind, ())]
         overwrite = ["--overwrite"] if redo else []
         tasks = _number(cfg, f"S{stage.number}_ARRAY", "1") if stage.sharded and not local else 1
+        # no --overwrite for the fit job: it refits by itself when the codebook's inputs changed
+        steps = [("fit", 1, list(stage.fit[kind]))] if kind in stage.fit else []
         if tasks > 1:
-            steps = [("array", tasks, overwrite), ("finalize", 1, ["--finalize", *overwrite])]
+            steps += [("array", tasks, overwrite), ("finalize", 1, ["--finalize", *overwrite])]
         else:
-            steps = [("job", 1, overwrite)]
+            steps += [("job", 1, overwrite)]
         jobs += [Job(stage.number, stage.name, phase, status, k, stage.script, args, marker, reports,
                      resources(cfg, stage, phase)) for phase, k, args in steps]
     return jobs
