@@ -19,9 +19,9 @@ job before it submits the next, so a notebook sees every stage end; a failed job
 skipped, so calling it again after a failure resumes from the failed stage.
 
 Resources are the plan's (from the config's S<NN>_* values, see tokenfold/pipeline.py), as submitit
-parameters. Requeue after preemption is run_pipeline.sh's job
-(stage 05's batch script requeues itself); a stage preempted under the launcher fails, and calling
-the launcher again resumes it from its last checkpoint.
+parameters. Requeue after preemption is run_pipeline.sh's job (stage 05's batch script requeues
+itself); a stage preempted under the launcher fails, and calling the launcher again resumes it from
+its last checkpoint.
 """
 from __future__ import annotations
 
