@@ -1,13 +1,12 @@
 # slurm/lib.sh - shared by slurm/run_pipeline.sh and the per-stage sbatch scripts (sourced, not run).
 #
 #   tf_init                   find the repo, cd there, read the pipeline config, pick the Python
-#   tf_load_config FILE       read a config file (format: tokenfold/config.py; the environment wins)
+#   tf_load_config FILE       export a config file's values (read by tokenfold/config.py; the environment wins)
 #   tf_cmd / tf_python        a stage's command line / run it (srun when a job has several tasks)
 #   tf_words VAR              split a *_ARGS value into words, quotes respected
-#   TF_STAGES / tf_stage_*    the stage table: script, sharded or not, "complete" test, reports
-#   tf_stage_resources NN     a stage's CPUs, memory, time, GPUs, partition from S<NN>_* values
 #
-# Nothing here submits jobs; run_pipeline.sh does that.
+# The stage table and the job plan live in tokenfold/pipeline.py; run_pipeline.sh asks it for the plan
+# and does the submitting. Nothing here submits jobs.
 
 tf_log() { printf '[tokenfold %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 tf_die() { printf '[tokenfold] error: %s\n' "$*" >&2; exit 1; }
@@ -20,60 +19,21 @@ tf_die() { printf '[tokenfold] error: %s\n' "$*" >&2; exit 1; }
 tf_find_root() { (cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd); }
 
 # ----------------------------------------------------------------------------- config files
-# Same rules as tokenfold/config.py (tests/test_pipeline.py checks both agree): KEY=value lines,
-# '#' comments, "double" quotes expand ${NAME}/$NAME, 'single' quotes are literal, a KEY already in
-# the environment keeps its value. Every key is exported; TF_CONFIG_KEYS lists them in file order.
-tf_load_config() {
-  local _tf_file=$1 _tf_n=0 _tf_line _tf_key _tf_raw _tf_val _tf_q _tf_rest _tf_expand _tf_name
-  [ -f "$_tf_file" ] || tf_die "pipeline config not found: $_tf_file"
-  local -A _tf_env=() _tf_seen=()
-  for _tf_name in $(compgen -e); do _tf_env[$_tf_name]=1; done
-  TF_CONFIG_KEYS=()
-  while IFS= read -r _tf_line || [ -n "$_tf_line" ]; do
-    _tf_n=$((_tf_n + 1))
-    _tf_line=$(_tf_trim "$_tf_line")
-    [[ -z $_tf_line || $_tf_line == '#'* ]] && continue
-    [[ $_tf_line =~ ^(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] \
-      || tf_die "$_tf_file:$_tf_n: expected KEY=value, got: $_tf_line"
-    _tf_key=${BASH_REMATCH[2]}
-    _tf_raw=${BASH_REMATCH[3]}
-    _tf_expand=1
-    if [[ $_tf_raw =~ ^[[:space:]] ]]; then   # "KEY=   # comment": empty; "KEY= value": an error (as in sh)
-      _tf_raw=$(_tf_trim "$_tf_raw")
-      [[ -z $_tf_raw || $_tf_raw == '#'* ]] || tf_die "$_tf_file:$_tf_n: space after '=' (write KEY=value, or quote the value)"
-      _tf_val=""; _tf_expand=0
-    elif [[ $_tf_raw == \'* || $_tf_raw == \"* ]]; then
-      _tf_q=${_tf_raw:0:1}; _tf_rest=${_tf_raw:1}
-      [[ $_tf_rest == *"$_tf_q"* ]] || tf_die "$_tf_file:$_tf_n: unterminated $_tf_q-quoted value"
-      _tf_val=${_tf_rest%%"$_tf_q"*}
-      _tf_rest=$(_tf_trim "${_tf_rest#*"$_tf_q"}")
-      [[ -z $_tf_rest || $_tf_rest == '#'* ]] || tf_die "$_tf_file:$_tf_n: text after the closing quote: $_tf_rest"
-      [ "$_tf_q" = "'" ] && _tf_expand=0
-    else
-      _tf_val=$_tf_raw
-      if [[ $_tf_val =~ [[:space:]]# ]]; then _tf_val=$(_tf_trim "${_tf_val%%"${BASH_REMATCH[0]}"*}"); fi
-      [[ $_tf_val =~ [[:space:]] ]] && tf_die "$_tf_file:$_tf_n: unquoted value with spaces (quote it): $_tf_val"
-    fi
-    [ $_tf_expand = 1 ] && _tf_val=$(_tf_expand_refs "$_tf_val")
-    [ -z "${_tf_seen[$_tf_key]:-}" ] && TF_CONFIG_KEYS+=("$_tf_key")
-    _tf_seen[$_tf_key]=1
-    if [ -z "${_tf_env[$_tf_key]:-}" ]; then export "$_tf_key=$_tf_val"; fi
-  done < "$_tf_file"
+# tf_pick_python: PY = $PYTHON, else the checkout's .venv/bin/python, else python3.
+tf_pick_python() {
+  PY=${PYTHON:-}
+  if [ -z "$PY" ]; then
+    if [ -x "$(tf_find_root)/.venv/bin/python" ]; then PY=$(tf_find_root)/.venv/bin/python; else PY=python3; fi
+  fi
 }
-_tf_trim() { local s=$1; s=${s#"${s%%[![:space:]]*}"}; printf '%s' "${s%"${s##*[![:space:]]}"}"; }
-# expand ${NAME} / $NAME from exported variables only (what Python's os.environ sees), empty if unset
-_tf_expand_refs() {
-  local s=$1 out="" name
-  while [[ $s == *'$'* ]]; do
-    out+=${s%%'$'*}; s=${s#*'$'}
-    if [[ $s =~ ^\{([A-Za-z_][A-Za-z0-9_]*)\}(.*)$ ]] || [[ $s =~ ^([A-Za-z_][A-Za-z0-9_]*)(.*)$ ]]; then
-      name=${BASH_REMATCH[1]}; s=${BASH_REMATCH[2]}
-      out+=$(printenv "$name" || true)
-    else
-      out+='$'
-    fi
-  done
-  printf '%s' "$out$s"
+# tf_load_config FILE: export every KEY of FILE as tokenfold/config.py resolves it (a KEY already in
+# the environment keeps its value); a bad line stops here with one line naming FILE:LINE.
+tf_load_config() {
+  local file=$1 out
+  [[ $file == /* ]] || file=$PWD/$file
+  [ -n "${PY:-}" ] || tf_pick_python
+  out=$(cd "$(tf_find_root)" && "$PY" -m tokenfold.config --config "$file" --export) || exit 1
+  eval "$out"
 }
 
 # ----------------------------------------------------------------------------- init
@@ -89,15 +49,12 @@ tf_init() {
   [ -f "$cfg" ] || tf_die "pipeline config not found: $cfg (set TOKENFOLD_CONFIG or pass --config)"
   TF_CONFIG=$(cd "$(dirname "$cfg")" && pwd)/$(basename "$cfg")
   export TOKENFOLD_CONFIG=$TF_CONFIG
+  tf_pick_python                 # to read the config
   tf_load_config "$TF_CONFIG"
-  PY=${PYTHON:-}
-  if [ -z "$PY" ]; then
-    if [ -x "$TF_ROOT/.venv/bin/python" ]; then PY=$TF_ROOT/.venv/bin/python; else PY=python3; fi
-  fi
+  tf_pick_python                 # the config's PYTHON, when it names one
   export PYTHON=$PY
   export LOG_DIR=${LOG_DIR:-${TOKENFOLD_DATA:-data}/logs}
   mkdir -p "$LOG_DIR"
-  tf_select_stages
 }
 
 # tf_cmd SCRIPT ARGS...: the command line of a stage in TF_CMD. Several tasks in one batch job (DDP
@@ -116,88 +73,6 @@ tf_cmd() {
 }
 # tf_python SCRIPT ARGS...: run a stage script in the foreground, return its status.
 tf_python() { tf_cmd "$@"; "${TF_CMD[@]}"; }
-
-# ----------------------------------------------------------------------------- the stage table
-# In order. Sharded stages (their scripts take --num-shards/--shard-index, defaulting from the SLURM
-# array, and --finalize) run as an array of S<NN>_ARRAY tasks followed by a finalize job.
-TF_ALL_STAGES=(01 02 03 04 05 06)
-# the config's STAGES (e.g. "01 04 05 06": 3Di or geo tokens need no ESM-2) selects some of them
-tf_select_stages() {
-  TF_STAGES=()
-  local s w
-  for s in "${TF_ALL_STAGES[@]}"; do
-    if [ -z "${STAGES:-}" ]; then TF_STAGES+=("$s"); continue; fi
-    for w in $STAGES; do [ "$w" = "$s" ] && TF_STAGES+=("$s"); done
-  done
-  for w in ${STAGES:-}; do
-    [[ " ${TF_ALL_STAGES[*]} " == *" $w "* ]] || tf_die "STAGES: unknown stage '$w' (stages: ${TF_ALL_STAGES[*]})"
-  done
-}
-tf_stage_script() {
-  case $1 in
-    01) echo slurm/01_prepare_db.sbatch ;;
-    02) echo slurm/02_extract_esm_embeddings.sbatch ;;
-    03) echo slurm/03_train_codebook.sbatch ;;
-    04) echo slurm/04_tokenize.sbatch ;;
-    05) echo slurm/05_train_lm.sbatch ;;
-    06) echo slurm/06_evaluate.sbatch ;;
-    *) tf_die "unknown stage: $1" ;;
-  esac
-}
-tf_stage_name() { local s; s=$(basename "$(tf_stage_script "$1")" .sbatch); echo "${s#??_}"; }
-tf_stage_sharded() { case $1 in 01|02|04|06) return 0 ;; *) return 1 ;; esac; }
-
-# The file each stage writes last (atomically): it exists only when the stage is complete.
-tf_stage_marker() {
-  case $1 in
-    01) echo "$DB_DIR/manifest.json" ;;
-    02) echo "$EMB_DIR/manifest.json" ;;
-    03) echo "$CODEBOOK_DIR/summary_K$CODEBOOK_K.json" ;;
-    04) echo "$TOKENS_DIR/manifest.json" ;;
-    05) echo "$RUN_DIR/final" ;;
-    06) echo "$EVAL_DIR/metrics.json" ;;
-  esac
-}
-tf_stage_done() { [ -e "$(tf_stage_marker "$1")" ]; }
-
-# The reports a person opens after each stage (JSON + PNG).
-tf_stage_reports() {
-  case $1 in
-    01) echo "$DB_DIR/report.json $DB_DIR/report.png" ;;
-    02) echo "$EMB_DIR/report.json $EMB_DIR/report.png" ;;
-    03) echo "$CODEBOOK_DIR/summary_K$CODEBOOK_K.json $CODEBOOK_DIR/clustering_visualization.png $CODEBOOK_DIR/cluster_sizes_K$CODEBOOK_K.png" ;;
-    04) echo "$TOKENS_DIR/report.json $TOKENS_DIR/token_frequency.png $TOKENS_DIR/lengths.png" \
-          "$([ "$TOKEN_KIND" = geo ] && echo "$TOKENS_DIR/geo_rmsd_hist.png $TOKENS_DIR/geo_rmsd_vs_length.png")" ;;
-    05) echo "$RUN_DIR/report.json $RUN_DIR/metrics.jsonl $RUN_DIR/curves.png" ;;
-    06) echo "$EVAL_DIR/metrics.json $EVAL_DIR/per_protein.tsv $EVAL_DIR/accuracy_vs_length.png" \
-          "$(case $TOKEN_KIND in
-               3di) echo "$EVAL_DIR/confusion_3di.png" ;;
-               geo|kanzi) echo "$EVAL_DIR/rmsd_tm_vs_length.png $EVAL_DIR/rmsd_tm_hist.png $EVAL_DIR/ca_traces_3d.png $EVAL_DIR/pdb/" ;;
-             esac)" ;;
-  esac
-}
-
-# tf_res NN FIELD [DEFAULT]: a per-stage config value S<NN>_<FIELD> (e.g. S05_GPUS), else DEFAULT.
-tf_res() { local v="S$1_$2"; printf '%s' "${!v:-${3:-}}"; }
-
-# tf_stage_resources NN [finalize]: the resources of stage NN's job(s) (the finalize job of a sharded
-# stage reads S<NN>_FIN_<FIELD> first) into R_CPUS R_MEM R_TIME R_GPUS R_PARTITION R_NODES
-# R_NTASKS_PER_NODE R_EXTRA. The partition: S<NN>_PARTITION, else GPU_PARTITION for GPU jobs, else
-# PARTITION; empty means the cluster's default.
-tf_stage_resources() {
-  local s=$1 fin=${2:-}
-  _tf_get() { local x=""; [ "$fin" = finalize ] && x=$(tf_res "$s" "FIN_$1"); [ -n "$x" ] || x=$(tf_res "$s" "$1" "${2:-}"); printf '%s' "$x"; }
-  R_CPUS=$(_tf_get CPUS 1); R_MEM=$(_tf_get MEM); R_TIME=$(_tf_get TIME)
-  if [ "$fin" = finalize ]; then
-    R_GPUS=$(tf_res "$s" FIN_GPUS 0); R_NODES=""; R_NTASKS_PER_NODE=""
-  else
-    R_GPUS=$(tf_res "$s" GPUS 0); R_NODES=$(tf_res "$s" NODES); R_NTASKS_PER_NODE=$(tf_res "$s" NTASKS_PER_NODE)
-  fi
-  R_PARTITION=$(_tf_get PARTITION)
-  if [ -z "$R_PARTITION" ] && [ "$R_GPUS" -gt 0 ]; then R_PARTITION=${GPU_PARTITION:-}; fi
-  [ -n "$R_PARTITION" ] || R_PARTITION=${PARTITION:-}
-  R_EXTRA=$(echo ${SBATCH_EXTRA:-} $(_tf_get SBATCH_EXTRA))
-}
 
 # tf_words VAR: split the config value $VAR like a shell would (quotes respected; the same split as
 # tokenfold.config.PipelineConfig.words) into the array TF_WORDS. Nothing in it is executed.

@@ -11,17 +11,19 @@
 #   bash   slurm/run_pipeline.sh --local     every stage in order on this machine (also what happens
 #                                            when sbatch is not on PATH)
 #
-# On SLURM each stage is one job, chained with --dependency=afterok and --kill-on-invalid-dep=yes
-# (a failed stage cancels everything after it). Sharded stages (01, 02, 04, 06) with S<NN>_ARRAY > 1
-# are arrays of that many tasks followed by a finalize job. Stages whose final artifact already exists are
-# skipped, so re-running after a failure resubmits only what is unfinished. Stage 05 requeues itself
-# after a preemption or time-limit signal (see slurm/05_train_lm.sbatch).
+# The jobs come from tokenfold/pipeline.py (`python -m tokenfold.pipeline plan`, the one stage table);
+# this script only submits them. On SLURM each job waits for the one before it (--dependency=afterok,
+# --kill-on-invalid-dep=yes: a failed stage cancels everything after it). Sharded stages (01, 02, 04,
+# 06) with S<NN>_ARRAY > 1 are arrays of that many tasks followed by a finalize job; with
+# TOKEN_KIND=geo a job fitting the geo codebook runs before stage 04's. Stages whose final artifact
+# already exists are skipped, so re-running after a failure resubmits only what is unfinished. Stage
+# 05 requeues itself after a preemption or time-limit signal (see slurm/05_train_lm.sbatch).
 #
 # Options:
 #   --config FILE   pipeline config (default: $TOKENFOLD_CONFIG, else slurm/config/demo.env);
 #                   any KEY in it can be overridden from the environment
 #   --local         run locally even when SLURM is available
-#   --plan          print each stage's status and resources; run nothing
+#   --plan          print the jobs (status, arguments, sbatch options, reports); run nothing
 #   --from NN       redo stage NN and everything after it, even if complete (passes --overwrite)
 #   --until NN      stop after stage NN
 #   --wait          (SLURM, with bash on a login node) wait until the submitted jobs end, print
@@ -59,49 +61,25 @@ MODE=slurm
 if [ $LOCAL = 1 ] || ! command -v sbatch > /dev/null 2>&1; then MODE=local; fi
 [ $LOCAL = 0 ] && [ $MODE = local ] && tf_log "sbatch not found on PATH: running every stage locally"
 
-# a stage is redone when --from says so, else run when its final artifact is missing
-stage_todo() { { [ -n "$FROM" ] && [ "$((10#$1))" -ge "$((10#$FROM))" ]; } || ! tf_stage_done "$1"; }
-stage_extra_args() { if [ -n "$FROM" ] && [ "$((10#$1))" -ge "$((10#$FROM))" ]; then echo --overwrite; fi; }
-# a sharded stage with S<NN>_ARRAY > 1 runs as an array + finalize job; else as one job that finalizes itself
-stage_arrayed() { tf_stage_sharded "$1" && [ "$(tf_res "$1" ARRAY 1)" -gt 1 ]; }
-in_range() { [ -z "$UNTIL" ] || [ "$((10#$1))" -le "$((10#$UNTIL))" ]; }
-
-# RES: the sbatch options of stage NN (PHASE "" or "finalize") from its S<NN>_* config values
-sbatch_resources() {
-  tf_stage_resources "$1" "${2:-}"
-  RES=(--cpus-per-task="$R_CPUS")
-  [ -n "$R_MEM" ] && RES+=(--mem="$R_MEM")
-  [ -n "$R_TIME" ] && RES+=(--time="$R_TIME")
-  [ "$R_GPUS" -gt 0 ] && RES+=(--gres="${GPU_GRES:-gpu}:$R_GPUS")
-  [ -n "$R_NODES" ] && RES+=(--nodes="$R_NODES")
-  [ -n "$R_NTASKS_PER_NODE" ] && RES+=(--ntasks-per-node="$R_NTASKS_PER_NODE")
-  [ -n "$R_PARTITION" ] && RES+=(--partition="$R_PARTITION")
-  [ -n "${ACCOUNT:-}" ] && RES+=(--account="$ACCOUNT")
-  [ -n "${QOS:-}" ] && RES+=(--qos="$QOS")
-  [ "$1" = 05 ] && [ -n "${S05_SIGNAL_SECS:-}" ] && RES+=(--signal="B:USR1@$S05_SIGNAL_SECS")
-  # shellcheck disable=SC2206
-  RES+=($R_EXTRA)
-  return 0
+# JOB_LINES: the jobs in order, one line of shell assignments each (stage name label job_name phase
+# status tasks script marker, arrays args sbatch reports; see tokenfold/pipeline.py)
+plan_args=(--config "$TF_CONFIG")
+[ -n "$FROM" ] && plan_args+=(--from "$FROM")
+[ -n "$UNTIL" ] && plan_args+=(--until "$UNTIL")
+[ $MODE = local ] && plan_args+=(--local)
+PLAN_TEXT=$("$PY" -m tokenfold.pipeline plan "${plan_args[@]}") || exit 1
+JOB_LINES=()
+[ -z "$PLAN_TEXT" ] || mapfile -t JOB_LINES <<< "$PLAN_TEXT"
+skipped=""     # the stage whose "complete, skipped" line was logged last (one line per stage)
+log_skip() {
+  [ "$skipped" = "$stage" ] || tf_log "stage $stage $name: complete ($marker exists), skipped"
+  skipped=$stage
 }
 
 # ----------------------------------------------------------------------------- --plan
 if [ $PLAN = 1 ]; then
-  # one line per job, tab-separated key=value (tokenfold/launcher.py reads this)
   echo "# config=$TF_CONFIG data=${TOKENFOLD_DATA:-data} mode=$MODE"
-  for s in "${TF_STAGES[@]}"; do
-    in_range "$s" || continue
-    if stage_todo "$s"; then st=todo; else st=complete; fi
-    phases=(job); tasks=1
-    if stage_arrayed "$s"; then phases=(array finalize); tasks=$(tf_res "$s" ARRAY 1); fi
-    for ph in "${phases[@]}"; do
-      [ "$ph" = finalize ] && tasks=1
-      sbatch_resources "$s" "$([ "$ph" = finalize ] && echo finalize)"
-      printf 'stage=%s\tname=%s\tphase=%s\tstatus=%s\ttasks=%s\tscript=%s\tmarker=%s\treports=%s\targs=%s\tcpus=%s\tmem=%s\ttime=%s\tgpus=%s\tpartition=%s\taccount=%s\tqos=%s\tnodes=%s\tntasks_per_node=%s\textra=%s\tsbatch=%s\n' \
-        "$s" "$(tf_stage_name "$s")" "$ph" "$st" "$tasks" "$(tf_stage_script "$s")" "$(tf_stage_marker "$s")" "$(tf_stage_reports "$s")" \
-        "$([ "$ph" = finalize ] && echo --finalize) $(stage_extra_args "$s")" "$R_CPUS" "$R_MEM" "$R_TIME" "$R_GPUS" "$R_PARTITION" \
-        "${ACCOUNT:-}" "${QOS:-}" "$R_NODES" "$R_NTASKS_PER_NODE" "$R_EXTRA" "${RES[*]}"
-    done
-  done
+  printf '%s\n' "${JOB_LINES[@]}"
   exit 0
 fi
 
@@ -110,40 +88,40 @@ if [ $MODE = local ]; then
   tf_log "config $TF_CONFIG, artifacts under ${TOKENFOLD_DATA:-data}/, logs in $LOG_DIR/"
   TIMES=$LOG_DIR/local-stage-times.tsv; : > "$TIMES"
   T0=$(date +%s.%N)
-  for s in "${TF_STAGES[@]}"; do
-    in_range "$s" || continue
-    name=$(tf_stage_name "$s")
-    if ! stage_todo "$s"; then
-      tf_log "stage $s $name: complete ($(tf_stage_marker "$s") exists), skipped"
-      printf '%s\t%s\tskipped\t0\n' "$s" "$name" >> "$TIMES"; continue
+  for line in "${JOB_LINES[@]}"; do
+    eval "$line"
+    if [ "$status" = complete ]; then
+      log_skip; printf '%s\t%s\tskipped\t0\n' "$stage" "$label" >> "$TIMES"; continue
     fi
-    log=$LOG_DIR/$s-$name.log
-    tf_log "stage $s $name: running (log: $log)"
+    log=$LOG_DIR/$stage-$label.log
+    tf_log "stage $stage $label: running (log: $log)"
     t=$(date +%s.%N)
     # unsharded here: one task does all the work and finalizes (what --num-shards 1 means)
-    # shellcheck disable=SC2046
-    if ! bash "$(tf_stage_script "$s")" $(stage_extra_args "$s") 2>&1 | tee "$log"; then
+    if ! bash "$script" "${args[@]}" 2>&1 | tee "$log"; then
       rc=${PIPESTATUS[0]}
       if [ "$rc" = 124 ]; then   # 05 stopped by a signal after saving a checkpoint
-        tf_log "stage $s $name stopped after saving a checkpoint; re-run the same command to resume"
+        tf_log "stage $stage $label stopped after saving a checkpoint; re-run the same command to resume"
       else
-        tf_log "stage $s $name FAILED (status $rc) after $(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.0f", b-a}')s; see $log"
+        tf_log "stage $stage $label FAILED (status $rc) after $(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.0f", b-a}')s; see $log"
         tf_log "fix it and re-run the same command: complete stages are skipped"
       fi
       exit 1
     fi
     dt=$(awk -v a="$t" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
-    printf '%s\t%s\tran\t%s\n' "$s" "$name" "$dt" >> "$TIMES"
-    tf_log "stage $s $name: done in ${dt}s"
+    printf '%s\t%s\tran\t%s\n' "$stage" "$label" "$dt" >> "$TIMES"
+    tf_log "stage $stage $label: done in ${dt}s"
   done
   total=$(awk -v a="$T0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}')
   echo
   echo "TokenFold pipeline finished in ${total}s (config $TF_CONFIG). Wall time per stage:"
   awk -F'\t' '{printf "  %s %-24s %s\n", $1, $2, ($3=="skipped" ? "skipped (complete)" : $4 "s")}' "$TIMES"
   echo "Reports:"
-  for s in "${TF_STAGES[@]}"; do
-    in_range "$s" || continue
-    for r in $(tf_stage_reports "$s"); do [ -e "$r" ] && echo "  $s  $r"; done
+  listed=""
+  for line in "${JOB_LINES[@]}"; do
+    eval "$line"
+    [ "$listed" = "$stage" ] && continue
+    listed=$stage
+    for r in "${reports[@]}"; do [ -e "$r" ] && echo "  $stage  $r"; done
   done
   exit 0
 fi
@@ -157,39 +135,23 @@ for v in "${!SLURM_@}"; do case $v in SLURM_CONF) ;; *) unset "$v" ;; esac; done
 
 JOBS=()        # every submitted job id, in order
 LINES=()       # stage<TAB>phase<TAB>job id
-prev=""        # the job the next stage waits for
-for s in "${TF_STAGES[@]}"; do
-  in_range "$s" || continue
-  name=$(tf_stage_name "$s"); script=$(tf_stage_script "$s")
-  if ! stage_todo "$s"; then
-    tf_log "stage $s $name: complete ($(tf_stage_marker "$s") exists), skipped"; continue
-  fi
-  # shellcheck disable=SC2207
-  extra=($(stage_extra_args "$s"))
-  common=(--parsable --chdir="$TF_ROOT" --kill-on-invalid-dep=yes)
-  [ -n "$prev" ] && common+=(--dependency="afterok:$prev")
-  if stage_arrayed "$s"; then
-    n=$(tf_res "$s" ARRAY 1)
-    sbatch_resources "$s"
-    aid=$(sbatch "${common[@]}" "${RES[@]}" --job-name="tf-$s-$name" --array="0-$((n - 1))" \
-      --output="$LOG_DIR/%x-%A_%a.out" "$script" "${extra[@]}")
-    aid=${aid%%;*}
-    sbatch_resources "$s" finalize
-    common=(--parsable --chdir="$TF_ROOT" --kill-on-invalid-dep=yes --dependency="afterok:$aid")
-    fid=$(sbatch "${common[@]}" "${RES[@]}" --job-name="tf-$s-$name-finalize" \
-      --output="$LOG_DIR/%x-%j.out" "$script" --finalize "${extra[@]}")
-    fid=${fid%%;*}
-    JOBS+=("$aid" "$fid"); LINES+=("$s	array	$aid" "$s	finalize	$fid"); prev=$fid
-    tf_log "stage $s $name: array job $aid ($n tasks) -> finalize job $fid"
+prev=""        # the job the next one waits for
+for line in "${JOB_LINES[@]}"; do
+  eval "$line"
+  if [ "$status" = complete ]; then log_skip; continue; fi
+  opts=(--parsable --chdir="$TF_ROOT" --kill-on-invalid-dep=yes)
+  [ -n "$prev" ] && opts+=(--dependency="afterok:$prev")
+  opts+=("${sbatch[@]}" --job-name="$job_name")
+  if [ "$phase" = array ]; then
+    opts+=(--array="0-$((tasks - 1))" --output="$LOG_DIR/%x-%A_%a.out")
   else
-    sbatch_resources "$s"
-    jid=$(sbatch "${common[@]}" "${RES[@]}" --job-name="tf-$s-$name" --output="$LOG_DIR/%x-%j.out" "$script" "${extra[@]}")
-    jid=${jid%%;*}
-    JOBS+=("$jid"); LINES+=("$s	job	$jid"); prev=$jid
-    tf_log "stage $s $name: job $jid"
+    opts+=(--output="$LOG_DIR/%x-%j.out")
   fi
+  jid=$(sbatch "${opts[@]}" "$script" "${args[@]}")
+  jid=${jid%%;*}
+  JOBS+=("$jid"); LINES+=("$stage	$phase	$jid"); prev=$jid
+  tf_log "stage $stage $label: $([ "$phase" = array ] && echo "array job $jid ($tasks tasks)" || echo "job $jid")"
 done
-
 if [ ${#JOBS[@]} -eq 0 ]; then
   echo "Every stage is complete; nothing submitted (use --from NN to redo from stage NN)."
   exit 0

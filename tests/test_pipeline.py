@@ -1,10 +1,13 @@
-"""The pipeline orchestration without SLURM: config files, the stage plan, the local chain, and the
-submitit launcher on local processes. (tests/test_slurm.py runs the same chain on a real cluster.)"""
+"""The pipeline orchestration without SLURM: the job plan (tokenfold/pipeline.py), what
+run_pipeline.sh submits (against a stand-in sbatch), the local chain, and the submitit launcher on
+local processes. (tests/test_slurm.py runs the same chain on a real cluster; tests/test_config.py
+tests the config files.)"""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -12,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tokenfold import layout
 from tokenfold.config import ConfigError, load_config, parse_config
+from tokenfold.pipeline import plan
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "slurm" / "run_pipeline.sh"
@@ -42,72 +45,6 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def bash_config(path: Path, env: dict) -> dict:
-    """What slurm/lib.sh's tf_load_config makes of a config file: {key: value} in file order."""
-    script = ('source slurm/lib.sh; tf_load_config "$1"; '
-              'for k in "${TF_CONFIG_KEYS[@]}"; do printf "%s=%s\\0" "$k" "${!k}"; done')
-    p = subprocess.run(["bash", "-c", script, "bash", str(path)], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return dict(item.split("=", 1) for item in p.stdout.split("\0") if item)
-
-
-TRICKY = r"""# every rule of the format, read by both parsers
-A=plain
-B="two words ${A}"      # a trailing comment
-C='literal ${A} $A'
-  export D=$A/x#not-a-comment
-E=${NOT_SET_ANYWHERE}z
-G="a$ b $"
-H=
-H2=     # only a comment
-I="x # not a comment"
-J=${A}${B}
-A=again
-K=$A
-L=$FROM_ENV/y
-FROM_ENV=from-file
-"""
-
-
-def test_bash_and_python_read_configs_identically(tmp_path):
-    tricky = tmp_path / "tricky.env"
-    tricky.write_text(TRICKY)
-    env = clean_env(FROM_ENV="from-env", USER="alice")
-    for path in [tricky, *CONFIGS]:
-        py = parse_config(path.read_text(), env=env, source=str(path))
-        assert bash_config(path, env) == py, path
-    py = parse_config(TRICKY, env=env)
-    assert py["B"] == "two words plain" and py["C"] == "literal ${A} $A" and py["D"] == "plain/x#not-a-comment"
-    assert py["E"] == "z" and py["H"] == py["H2"] == "" and py["I"] == "x # not a comment" and py["G"] == "a$ b $"
-    assert py["J"] == "plaintwo words plain" and py["K"] == "again"
-    assert py["FROM_ENV"] == "from-env" and py["L"] == "from-env/y"      # the environment wins
-
-
-@pytest.mark.parametrize("bad", ["A=two words", "A='open", "not a line", 'A="x" y', "A= value"])
-def test_config_errors_name_the_line(tmp_path, bad):
-    p = tmp_path / "bad.env"
-    p.write_text(f"# ok\nX=1\n{bad}\n")
-    with pytest.raises(ConfigError, match=r"bad.env:3"):
-        parse_config(p.read_text(), env={}, source=str(p))
-    r = subprocess.run(["bash", "-c", 'source slurm/lib.sh; tf_load_config "$1"', "bash", str(p)],
-                       cwd=ROOT, env=clean_env(), capture_output=True, text=True)
-    assert r.returncode != 0 and "bad.env:3" in r.stderr
-
-
-def test_relative_config_path_is_read_from_the_current_directory_in_bash_and_python(tmp_path):
-    (tmp_path / "my.env").write_text(f"TOKENFOLD_DATA={tmp_path}/data\n")
-    r = subprocess.run(["bash", "-c", f'source "{ROOT}/slurm/lib.sh"; tf_init; echo "$TF_CONFIG|$TOKENFOLD_DATA"'],
-                       cwd=tmp_path, env=clean_env(TOKENFOLD_CONFIG="my.env"), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1] == f"{tmp_path / 'my.env'}|{tmp_path}/data"
-    cwd = os.getcwd()
-    try:
-        os.chdir(tmp_path)
-        assert load_config("my.env", env=clean_env())["TOKENFOLD_DATA"] == f"{tmp_path}/data"
-    finally:
-        os.chdir(cwd)
-
-
 def test_slurm_time_limits_in_minutes():
     from tokenfold.launcher import _minutes
 
@@ -115,73 +52,197 @@ def test_slurm_time_limits_in_minutes():
         [30, 11, 60, 3600, 3630, 1441]
 
 
-def test_environment_overrides_every_value():
-    env = clean_env(TOKENFOLD_DATA="/scratch/x", TOKEN_KIND="geo", S05_ARGS="--max-steps 5")
-    cfg = load_config(DEMO, env=env)
-    assert cfg["DB_DIR"] == "/scratch/x/db" and cfg["TOKENS_DIR"] == "/scratch/x/tokens/geo"
-    assert cfg.words("S05_ARGS") == ["--max-steps", "5"]
-    assert load_config(DEMO, env=clean_env(), overrides={"TOKEN_KIND": "geo"})["TOKENS_DIR"].endswith("tokens/geo")
-    assert bash_config(DEMO, env)["EMB_DIR"].startswith("/scratch/x/embeddings/")
-    out = subprocess.run([sys.executable, "-m", "tokenfold.config", "--config", str(DEMO), "DB_DIR", "TOKEN_KIND"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
-    assert out.splitlines() == ["DB_DIR=/scratch/x/db", "TOKEN_KIND=geo"]
-
-
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_paths_follow_the_data_layout(config):
-    """Each config names its artifact directories the way tokenfold/layout.py does."""
-    cfg = load_config(config, env=clean_env(TOKENFOLD_DATA="/D", USER="alice"))
-    rel = lambda p: Path(p).relative_to(layout.DATA)  # noqa: E731
-    data = Path("/D")
-    assert Path(cfg["DB_DIR"]) == data / rel(layout.DB)
-    assert Path(cfg["CODEBOOK_DIR"]) == data / rel(layout.codebook_path(int(cfg["CODEBOOK_K"])).parent)
-    assert Path(cfg["TOKENS_DIR"]) == data / rel(layout.tokens_dir(cfg["TOKEN_KIND"]))
-    assert Path(cfg["RUN_DIR"]).parent == data / rel(layout.RUNS)
-    assert Path(cfg["EVAL_DIR"]).parent == data / rel(layout.EVAL)
-    assert Path(cfg["EMB_DIR"]) == data / rel(layout.embeddings_dir(cfg["ESM_NAME"], int(cfg["ESM_LAYER"])))
-
-
-# ----------------------------------------------------------------------------- the stage plan
-def plan_lines(config: Path, env: dict, *args) -> list[dict]:
-    p = subprocess.run(["bash", str(PIPELINE), "--plan", "--config", str(config), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    return [dict(kv.split("=", 1) for kv in line.split("\t")) for line in p.stdout.splitlines()
-            if line.startswith("stage=")]
-
-
+# ----------------------------------------------------------------------------- the job plan
 def test_plan_demo_arrays_finalize_jobs_and_selection(tmp_path):
     env = clean_env(TOKENFOLD_DATA=tmp_path)
-    lines = plan_lines(DEMO, env)
-    assert [(l["stage"], l["phase"]) for l in lines] == [
+    jobs = plan(load_config(DEMO, env=env))
+    assert [(j.stage, j.phase) for j in jobs] == [
         ("01", "array"), ("01", "finalize"), ("02", "array"), ("02", "finalize"), ("03", "job"),
         ("04", "array"), ("04", "finalize"), ("05", "job"), ("06", "job")]
-    assert all(l["status"] == "todo" for l in lines)
-    assert lines[0]["tasks"] == "2" and lines[1]["args"].split() == ["--finalize"]
+    assert all(j.status == "todo" for j in jobs)
+    assert jobs[0].tasks == 2 and jobs[1].args == ["--finalize"]
     # 05 asks SLURM for its warning signal, to save and requeue in time
-    assert f"--signal=B:USR1@{load_config(DEMO, env=env)['S05_SIGNAL_SECS']}" in lines[7]["sbatch"]
+    assert f"--signal=B:USR1@{load_config(DEMO, env=env)['S05_SIGNAL_SECS']}" in jobs[7].resources.sbatch_options()
     # --from/--until, and STAGES for pipelines that need no ESM-2
-    sel = plan_lines(DEMO, env, "--from", "04", "--until", "05")
-    assert [l["stage"] for l in sel] == ["01", "01", "02", "02", "03", "04", "04", "05"]
-    assert sel[5]["args"].split() == ["--overwrite"] and sel[0]["args"].strip() == ""
-    assert [l["stage"] for l in plan_lines(DEMO, dict(env, STAGES="01 04 05 06", S04_ARRAY="1"))] == \
+    sel = plan(load_config(DEMO, env=env), start="04", until="05")
+    assert [j.stage for j in sel] == ["01", "01", "02", "02", "03", "04", "04", "05"]
+    assert sel[5].args == ["--overwrite"] and sel[0].args == []
+    assert [j.stage for j in plan(load_config(DEMO, env=dict(env, STAGES="01 04 05 06", S04_ARRAY="1")))] == \
         ["01", "01", "04", "05", "06"]
+    with pytest.raises(ConfigError, match="unknown stage '07'"):
+        plan(load_config(DEMO, env=dict(env, STAGES="01 07")))
+    # on one machine every stage is one job that finalizes itself
+    assert [(j.stage, j.phase, j.tasks, j.args) for j in plan(load_config(DEMO, env=env), until="02", local=True)] == \
+        [("01", "job", 1, []), ("02", "job", 1, [])]
+    # a stage whose marker exists is complete; --from redoes it
+    Path(jobs[0].marker).parent.mkdir(parents=True)
+    Path(jobs[0].marker).write_text("{}")
+    assert [j.status for j in plan(load_config(DEMO, env=env), until="02")] == ["complete"] * 2 + ["todo"] * 2
+    assert [j.status for j in plan(load_config(DEMO, env=env), start="01", until="01")] == ["todo"] * 2
+
+
+def test_geo_tokens_fit_the_codebook_in_a_job_before_stage_04(tmp_path):
+    """TOKEN_KIND=geo: stage 04 starts with one job that fits the geo codebook (S04_FIT_* resources,
+    else S04_*); the tokenizing jobs come after it, on SLURM and on one machine."""
+    env = clean_env(TOKENFOLD_DATA=tmp_path, TOKEN_KIND="geo", S04_ARGS="--geo-k 64")
+    jobs = [j for j in plan(load_config(DEMO, env=env)) if j.stage == "04"]
+    assert [(j.phase, j.tasks) for j in jobs] == [("fit", 1), ("array", 2), ("finalize", 1)]
+    fit = jobs[0]
+    assert fit.args == ["--fit-geo-codebook"] and fit.script == "slurm/04_tokenize.sbatch"
+    assert fit.job_name == "tf-04-tokenize-fit"
+    assert fit.resources == jobs[1].resources                        # nothing of its own: S04_*
+    fit = plan(load_config(DEMO, env=dict(env, S04_FIT_CPUS="3", S04_FIT_TIME="01:00:00")))[5]
+    assert (fit.phase, fit.resources.cpus, fit.resources.time, fit.resources.mem) == ("fit", 3, "01:00:00", "2G")
+    # --from 04 redoes the tokens (--overwrite); the fit job only verifies the codebook, keyed on its inputs
+    redo = [j for j in plan(load_config(DEMO, env=env), start="04") if j.stage == "04"]
+    assert [j.args for j in redo] == [["--fit-geo-codebook"], ["--overwrite"], ["--finalize", "--overwrite"]]
+    local = [(j.phase, j.args) for j in plan(load_config(DEMO, env=env), local=True) if j.stage == "04"]
+    assert local == [("fit", ["--fit-geo-codebook"]), ("job", [])]
+    # other kinds need no fit job
+    assert not [j for j in plan(load_config(DEMO, env=clean_env(TOKENFOLD_DATA=tmp_path))) if j.phase == "fit"]
+
+
+RULES = """# resources: what each job asks for, from S<NN>_* keys and the cluster-wide ones
+TOKENFOLD_DATA=/nonexistent
+PARTITION=cpu
+GPU_PARTITION=gpu
+ACCOUNT=acct
+GPU_GRES=gpu:a100
+SBATCH_EXTRA="--constraint=x"
+TOKEN_KIND=geo
+S01_ARRAY=4
+S01_CPUS=2
+S01_MEM=3G
+S01_FIN_CPUS=9
+S02_ARRAY=2
+S02_GPUS=1
+S03_GPUS=1
+S03_PARTITION=special
+S04_ARRAY=2
+S04_CPUS=4
+S04_GPUS=1
+S04_FIT_MEM=50G
+S04_SBATCH_EXTRA=--exclusive
+S05_NODES=2
+S05_NTASKS_PER_NODE=4
+S05_GPUS=4
+S05_SIGNAL_SECS=600
+S06_ARRAY=2
+S06_NODES=2
+S06_FIN_GPUS=1
+"""
+
+
+def test_plan_resources_follow_the_rules(tmp_path):
+    """Finalize jobs read S<NN>_FIN_* first and ask for no GPU unless told; the fit job reads S04_FIT_*
+    first and inherits everything else, GPUs included; fit and finalize jobs are one task. GPU jobs
+    go to GPU_PARTITION with --gres, the others to PARTITION; S<NN>_PARTITION wins over both."""
+    cfg_file = tmp_path / "rules.env"
+    cfg_file.write_text(RULES)
+    jobs = plan(load_config(cfg_file, env=clean_env()))
+    opts = {(j.stage, j.phase): j.resources.sbatch_options() for j in jobs}
+    assert opts["01", "array"] == ["--cpus-per-task=2", "--mem=3G", "--partition=cpu", "--account=acct",
+                                   "--constraint=x"]
+    assert opts["01", "finalize"] == ["--cpus-per-task=9", "--mem=3G", "--partition=cpu", "--account=acct",
+                                      "--constraint=x"]
+    assert {"--gres=gpu:a100:1", "--partition=gpu"} <= set(opts["02", "array"])
+    assert "--partition=cpu" in opts["02", "finalize"] and not any(o.startswith("--gres") for o in opts["02", "finalize"])
+    assert {"--gres=gpu:a100:1", "--partition=special"} <= set(opts["03", "job"])
+    assert opts["04", "fit"] == ["--cpus-per-task=4", "--mem=50G", "--gres=gpu:a100:1", "--partition=gpu",
+                                 "--account=acct", "--constraint=x", "--exclusive"]
+    assert {"--gres=gpu:a100:4", "--nodes=2", "--ntasks-per-node=4", "--signal=B:USR1@600", "--partition=gpu"} \
+        <= set(opts["05", "job"])
+    assert "--nodes=2" in opts["06", "array"] and not any(o.startswith("--nodes") for o in opts["06", "finalize"])
+    assert {"--gres=gpu:a100:1", "--partition=gpu"} <= set(opts["06", "finalize"])
+    assert [j for j, o in opts.items() if any(x.startswith("--signal") for x in o)] == [("05", "job")]
+    bad = tmp_path / "bad.env"
+    bad.write_text("S01_CPUS=two\n")
+    with pytest.raises(ConfigError, match="S01_CPUS must be a whole number"):
+        plan(load_config(bad, env=clean_env()))
+    for config in CONFIGS:                  # the shipped configs plan
+        assert plan(load_config(config, env=clean_env(USER="alice", TOKENFOLD_DATA="/nonexistent")))
+
+
+# ----------------------------------------------------------------------------- what run_pipeline.sh submits
+FAKE_SBATCH = """#!/bin/bash
+# a stand-in for sbatch: records its arguments (one shell-quoted line per call), answers a job id
+n=0; [ -f "$FAKE_SBATCH_LOG" ] && n=$(wc -l < "$FAKE_SBATCH_LOG")
+printf '%q ' "$@" >> "$FAKE_SBATCH_LOG"; echo >> "$FAKE_SBATCH_LOG"
+echo "$((1000 + n));fake"
+"""
+
+
+def fake_sbatch_env(tmp_path: Path, **extra) -> dict:
+    """clean_env with a stand-in sbatch first on PATH (its calls go to tmp_path/sbatch.log)."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    env = clean_env(TOKENFOLD_DATA=tmp_path / "data", FAKE_SBATCH_LOG=tmp_path / "sbatch.log", **extra)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return env
+
+
+def test_run_pipeline_submits_each_job_after_the_one_before(tmp_path):
+    """The chain: every job waits for the previous one (afterok, cancelled when it fails), arrays get
+    --array and their own log names, each job asks for its planned resources; the geo fit job
+    precedes stage 04's array. --plan prints the plan."""
+    env = fake_sbatch_env(tmp_path, TOKEN_KIND="geo")
+    p = subprocess.run(["bash", str(PIPELINE), "--config", str(DEMO)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    calls = [shlex.split(line) for line in (tmp_path / "sbatch.log").read_text().splitlines()]
+    jobs = plan(load_config(DEMO, env=env))
+    assert len(calls) == len(jobs) == 10
+    for i, (call, job) in enumerate(zip(calls, jobs)):
+        k = call.index(job.script)
+        opts, args = call[:k], call[k + 1:]
+        assert args == job.args and f"--job-name={job.job_name}" in opts
+        assert {"--parsable", f"--chdir={ROOT}", "--kill-on-invalid-dep=yes"} <= set(opts)
+        assert [o for o in opts if o.startswith("--dependency")] == ([f"--dependency=afterok:{1000 + i - 1}"] if i else [])
+        assert set(job.resources.sbatch_options()) <= set(opts)
+        assert [o for o in opts if o.startswith("--array")] == (["--array=0-1"] if job.phase == "array" else [])
+    fit, array = calls[5], calls[6]
+    assert fit[-1] == "--fit-geo-codebook" and "--job-name=tf-04-tokenize-fit" in fit
+    assert "--dependency=afterok:1005" in array and "--job-name=tf-04-tokenize" in array
+    record = next((tmp_path / "data" / "logs").glob("submitted-*.tsv")).read_text().splitlines()
+    assert [tuple(r.split("\t")) for r in record] == [(j.stage, j.phase, str(1000 + i)) for i, j in enumerate(jobs)]
+    assert "Submitted jobs: " + " ".join(str(1000 + i) for i in range(10)) in p.stdout
+    # --plan: the same jobs, for people; nothing submitted
+    out = subprocess.run(["bash", str(PIPELINE), "--plan", "--config", str(DEMO)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("# config=") and out[0].endswith("mode=slurm")
+    assert out[1:] == [j.shell_line() for j in jobs]
+    assert len((tmp_path / "sbatch.log").read_text().splitlines()) == 10
     bad = subprocess.run(["bash", str(PIPELINE), "--plan"], cwd=ROOT, env=dict(env, STAGES="01 07"),
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown stage '07'" in bad.stderr
 
 
-def test_plan_cluster_config_resources():
-    """afdb50.env: GPU stages go to the GPU partition with --gres, CPU ones (and the finalize jobs
-    that ask for no GPU) to the CPU partition; multi-node DDP training; per-finalize resources."""
-    lines = plan_lines(ROOT / "slurm/config/afdb50.env", clean_env(USER="alice", TOKENFOLD_DATA="/nonexistent"))
-    job = {(l["stage"], l["phase"]): l["sbatch"].split() for l in lines}
-    assert {"--partition=cpu", "--cpus-per-task=2", "--mem=16G"} <= set(job["01", "array"])
-    assert {"--partition=cpu", "--cpus-per-task=64", "--mem=500G", "--time=2-00:00:00"} <= set(job["01", "finalize"])
-    assert {"--partition=gpu", "--gres=gpu:1"} <= set(job["02", "array"])
-    assert "--partition=cpu" in job["02", "finalize"] and not any(o.startswith("--gres") for o in job["02", "finalize"])
-    assert {"--partition=gpu", "--gres=gpu:4", "--nodes=2", "--ntasks-per-node=4", "--signal=B:USR1@600"} \
-        <= set(job["05", "job"])
+FAKE_PYTHON = """#!/bin/bash
+# a stand-in for the stage scripts (records their command lines); anything else runs in Python
+case ${1:-} in 0[1-6]_*.py) printf '%s\\n' "$*" >> "$FAKE_PY_LOG"; exit 0 ;; esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_local_chain_fits_the_geo_codebook_before_stage_04(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = clean_env(TOKENFOLD_DATA=tmp_path / "data", TOKEN_KIND="geo", PYTHON=fake, REAL_PYTHON=sys.executable,
+                    FAKE_PY_LOG=tmp_path / "calls.log")
+    p = subprocess.run(["bash", str(PIPELINE), "--local", "--config", str(DEMO), "--until", "04"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    calls = [line.split() for line in (tmp_path / "calls.log").read_text().splitlines()]
+    assert [(c[0], "--fit-geo-codebook" in c) for c in calls] == [
+        ("01_prepare_db.py", False), ("02_extract_esm_embeddings.py", False), ("03_train_codebook.py", False),
+        ("04_tokenize.py", True), ("04_tokenize.py", False)]
+    assert calls[3][calls[3].index("--tokens") + 1] == "geo"
+    times = [line.split("\t")[:3] for line in (tmp_path / "data" / "logs" / "local-stage-times.tsv").read_text().splitlines()]
+    assert times[3:] == [["04", "tokenize-fit", "ran"], ["04", "tokenize", "ran"]]
+    assert (tmp_path / "data" / "logs" / "04-tokenize-fit.log").is_file()
 
 
 # ----------------------------------------------------------------------------- the local chain
@@ -205,7 +266,6 @@ def test_local_chain_runs_every_stage_and_lists_the_reports(local_run):
     assert [(t[0], t[2]) for t in times] == [(s, "ran") for s in STAGES]
     print("local reduced demo, seconds per stage:", {t[0]: float(t[3]) for t in times})
     cfg = load_config(DEMO, env=env)
-    from tokenfold.launcher import plan
     jobs = plan(cfg)
     assert all(j.status == "complete" for j in jobs)
     for j in jobs:

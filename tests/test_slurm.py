@@ -19,7 +19,8 @@ import pytest
 from conftest import IN_CI
 from test_pipeline import DEMO, FAST, PIPELINE, ROOT, STAGES, clean_env
 from tokenfold.config import load_config
-from tokenfold.launcher import plan, run_pipeline
+from tokenfold.launcher import run_pipeline
+from tokenfold.pipeline import plan
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",

@@ -1,8 +1,9 @@
-"""Pipeline configuration files (`slurm/config/*.env`), read by the SLURM scripts and by Python.
+"""Pipeline configuration files (`slurm/config/*.env`): the one reader, for Python and the SLURM scripts.
 
 One file describes one pipeline: where the artifacts go, which model/token kind, and the SLURM
-resources of every stage. `slurm/lib.sh` (`tf_load_config`) and `load_config` below parse it with the
-same rules, a small subset of shell syntax::
+resources of every stage. `load_config` below reads it; the shell side (`slurm/lib.sh`,
+`tf_load_config`) evaluates what `python -m tokenfold.config --config FILE --export` prints. The format
+is a small subset of shell syntax::
 
     # a comment line
     KEY=value                  unquoted: no spaces, ends at a " #" comment; ${NAME} and $NAME expanded
@@ -20,8 +21,9 @@ line is then ignored. So any value is overridable without editing the file::
 file; empty when neither has it. Later lines see the overridden value (set TOKENFOLD_DATA in the
 environment and every path built from it follows).
 
-`python -m tokenfold.config [--config FILE] [KEY ...]` prints the resolved values as shell
-assignments (what the SLURM scripts see).
+`python -m tokenfold.config [--config FILE] [--export] [KEY ...]` prints the resolved values as shell
+assignments (what the SLURM scripts see), in file order; with --export as `export KEY=...` lines for
+the shell to evaluate. An error is one line naming the file and line.
 """
 from __future__ import annotations
 
@@ -110,11 +112,13 @@ def resolve_config_path(path: str | os.PathLike | None = None, env: Mapping[str,
 
 
 class PipelineConfig(Mapping):
-    """The resolved key/value pairs of one config file (read-only mapping of str -> str)."""
+    """The resolved key/value pairs of one config file (read-only mapping of str -> str), and the
+    environment they were resolved against (`lookup` reads a key the file does not set from there)."""
 
-    def __init__(self, values: dict[str, str], path: Path | None = None):
+    def __init__(self, values: dict[str, str], path: Path | None = None, env: Mapping[str, str] | None = None):
         self._values = dict(values)
         self.path = path
+        self._env = dict(os.environ if env is None else env)
 
     def __getitem__(self, key: str) -> str:
         return self._values[key]
@@ -127,6 +131,16 @@ class PipelineConfig(Mapping):
 
     def __repr__(self) -> str:
         return f"PipelineConfig({str(self.path)!r}, {len(self)} keys)"
+
+    def lookup(self, key: str, default: str = "") -> str:
+        """KEY as the stage scripts see it: the file's value, else the environment's; `default` when
+        that is empty or unset (e.g. S04_FIT_CPUS, which no config file needs to mention)."""
+        value = self._values[key] if key in self._values else self._env.get(key, "")
+        return value or default
+
+    def expand(self, text: str) -> str:
+        """`text` with ${NAME} and $NAME replaced by `lookup(NAME)`, the file's expansion rule."""
+        return _REF.sub(lambda r: self.lookup(r.group(1) or r.group(2)), text)
 
     def words(self, key: str) -> list[str]:
         """A *_ARGS value split like the shell does (`S05_ARGS="--max-steps 50"` -> two words)."""
@@ -152,14 +166,16 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     values = parse_config(p.read_text(), base, source=str(p))
     for k, v in (overrides or {}).items():   # an override of a key the file does not have
         values.setdefault(k, str(v))
-    return PipelineConfig(values, p)
+    return PipelineConfig(values, p, base)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tokenfold.config", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help=f"config file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})")
-    ap.add_argument("keys", nargs="*", help="print only these keys (default: all)")
+    ap.add_argument("--export", action="store_true",
+                    help="print `export KEY=value` lines (values shell-quoted), for the shell to evaluate")
+    ap.add_argument("keys", nargs="*", help="print only these keys (default: all, in file order)")
     a = ap.parse_args(argv)
     try:
         cfg = load_config(a.config)
@@ -170,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if k not in cfg:
             print(f"error: {k} is not set in {cfg.path}", file=sys.stderr)
             return 2
-        print(f"{k}={shlex.quote(cfg[k])}")
+        print(f"{'export ' if a.export else ''}{k}={shlex.quote(cfg[k])}")
     return 0
 
 

@@ -10,19 +10,18 @@
 
     python -m tokenfold.launcher --config slurm/config/demo.env [--cluster local] [--from 05] [--until 04]
 
-It runs the same stages, through the same per-stage scripts (``slurm/NN_*.sbatch``, under bash) and
-with the same config as ``slurm/run_pipeline.sh``; only the submission differs: each stage is a
-submitit job (``AutoExecutor``: SLURM when available, local processes otherwise), a sharded stage
-with S<NN>_ARRAY > 1 is a job array (``map_array``) followed by a finalize job. The launcher waits for
-each stage before it submits the next, so a notebook sees every stage end; a failed stage raises
+It runs the jobs of ``tokenfold.pipeline.plan`` (the plan ``slurm/run_pipeline.sh`` submits), through
+the same per-stage scripts (``slurm/NN_*.sbatch``, under bash) and with the same config; only the
+submission differs: each job is a submitit job (``AutoExecutor``: SLURM when available, local
+processes otherwise), an array job a submitit job array (``map_array``). The launcher waits for each
+job before it submits the next, so a notebook sees every stage end; a failed job raises
 `StageFailed` (with its log) and nothing after it is submitted. Stages whose final artifact exists are
-skipped (the test is run_pipeline.sh's, read from ``run_pipeline.sh --plan``), so calling it again
-after a failure resumes from the failed stage.
+skipped, so calling it again after a failure resumes from the failed stage.
 
-Resources come from the config's S<NN>_{CPUS,MEM,TIME,GPUS,PARTITION,NODES,NTASKS_PER_NODE} and
-ACCOUNT/QOS/SBATCH_EXTRA, as for run_pipeline.sh. Requeue after preemption is run_pipeline.sh's job
-(stage 05's batch script requeues itself); a stage preempted under the launcher fails, and calling
-the launcher again resumes it from its last checkpoint.
+Resources are the plan's (from the config's S<NN>_* values, see tokenfold/pipeline.py), as submitit
+parameters. Requeue after preemption is run_pipeline.sh's job (stage 05's batch script requeues
+itself); a stage preempted under the launcher fails, and calling the launcher again resumes it from
+its last checkpoint.
 """
 from __future__ import annotations
 
@@ -38,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .config import ROOT, PipelineConfig, load_config
+from .config import ROOT, ConfigError, load_config
+from .pipeline import Job, plan
 
-PIPELINE_SCRIPT = ROOT / "slurm" / "run_pipeline.sh"
 DEFAULT_TIME_MIN = 24 * 60      # a stage with no S<NN>_TIME: this limit (submitit needs one)
 
 
@@ -50,40 +49,6 @@ class StageFailed(RuntimeError):
     def __init__(self, stage: str, name: str, job_id: str, log: str, tail: str):
         self.stage, self.name, self.job_id, self.log, self.tail = stage, name, job_id, log, tail
         super().__init__(f"stage {stage} {name} failed (job {job_id}); log: {log}\n{tail}")
-
-
-@dataclass
-class PlannedJob:
-    """One line of ``run_pipeline.sh --plan``: a stage's job (phase job), array or finalize job."""
-
-    stage: str
-    name: str
-    phase: str                 # job | array | finalize
-    status: str                # todo | complete
-    tasks: int
-    script: str
-    marker: str
-    reports: list[str]
-    args: list[str]
-    cpus: int
-    mem: str
-    time: str
-    gpus: int
-    partition: str
-    account: str
-    qos: str
-    nodes: str
-    ntasks_per_node: str
-    extra: str
-
-    @classmethod
-    def parse(cls, line: str) -> "PlannedJob":
-        f = dict(kv.split("=", 1) for kv in line.rstrip("\n").split("\t"))
-        return cls(stage=f["stage"], name=f["name"], phase=f["phase"], status=f["status"], tasks=int(f["tasks"]),
-                   script=f["script"], marker=f["marker"], reports=f["reports"].split(), args=shlex.split(f["args"]),
-                   cpus=int(f["cpus"] or 1), mem=f["mem"], time=f["time"], gpus=int(f["gpus"] or 0),
-                   partition=f["partition"], account=f["account"], qos=f["qos"], nodes=f["nodes"],
-                   ntasks_per_node=f["ntasks_per_node"], extra=f["extra"])
 
 
 @dataclass
@@ -105,23 +70,6 @@ class PipelineRun:
     def reports(self) -> list[str]:
         """The report files (JSON/PNG/TSV) that exist, stage by stage."""
         return [r for s in self.stages for r in s.reports if Path(r).exists()]
-
-
-def plan(cfg: PipelineConfig, start: str | None = None, until: str | None = None) -> list[PlannedJob]:
-    """The pipeline's jobs as run_pipeline.sh would submit them (status todo/complete per stage)."""
-    cmd = ["bash", str(PIPELINE_SCRIPT), "--plan", "--config", str(cfg.path)]
-    if start:
-        cmd += ["--from", start]
-    if until:
-        cmd += ["--until", until]
-    p = subprocess.run(cmd, env=cfg.environ(), cwd=ROOT, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {p.stderr.strip()}")
-    jobs = [PlannedJob.parse(line) for line in p.stdout.splitlines() if line.startswith("stage=")]
-    for j in jobs:  # paths relative to the repo (where the stage scripts run) -> absolute
-        j.marker = str(ROOT / j.marker)
-        j.reports = [str(ROOT / r) for r in j.reports]
-    return jobs
 
 
 class StageCommand:
@@ -180,24 +128,24 @@ def _gigabytes(mem: str) -> float | None:
     return float(m.group(1)) * scale
 
 
-def executor_parameters(job: PlannedJob) -> dict:
+def executor_parameters(job: Job) -> dict:
     """submitit AutoExecutor parameters for one planned job (slurm_* ones are ignored locally)."""
-    p: dict = {"name": f"tf-{job.stage}-{job.name}" + ("-finalize" if job.phase == "finalize" else ""),
-               "timeout_min": _minutes(job.time), "cpus_per_task": job.cpus}
-    gb = _gigabytes(job.mem)
+    r = job.resources
+    p: dict = {"name": job.job_name, "timeout_min": _minutes(r.time), "cpus_per_task": r.cpus}
+    gb = _gigabytes(r.mem)
     if gb is not None:
         p["mem_gb"] = gb
-    if job.gpus:
-        p["gpus_per_node"] = job.gpus
-    if job.nodes:
-        p["nodes"] = int(job.nodes)
-    if job.ntasks_per_node:
-        p["tasks_per_node"] = int(job.ntasks_per_node)
+    if r.gpus:
+        p["gpus_per_node"] = r.gpus
+    if r.nodes:
+        p["nodes"] = int(r.nodes)
+    if r.ntasks_per_node:
+        p["tasks_per_node"] = int(r.ntasks_per_node)
     for key in ("partition", "account", "qos"):
-        if getattr(job, key):
-            p[f"slurm_{key}"] = getattr(job, key)
+        if getattr(r, key):
+            p[f"slurm_{key}"] = getattr(r, key)
     extra = {}
-    for word in shlex.split(job.extra):
+    for word in r.extra:
         if not word.startswith("--"):
             raise ValueError(f"SBATCH_EXTRA: only --option[=value] words are supported, got {word!r}")
         k, _, v = word[2:].partition("=")
@@ -207,7 +155,7 @@ def executor_parameters(job: PlannedJob) -> dict:
     return p
 
 
-def _fail(job: PlannedJob, sub_job, err: Exception) -> StageFailed:
+def _fail(job: Job, sub_job, err: Exception) -> StageFailed:
     log = str(getattr(sub_job.paths, "stderr", ""))
     return StageFailed(job.stage, job.name, str(sub_job.job_id), log, str(err))
 
@@ -230,7 +178,7 @@ def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = 
     env = cfg.environ({})
     env["TOKENFOLD_ROOT"] = str(ROOT)
     jobs = plan(cfg, start, until)
-    log_dir = Path(cfg.get("LOG_DIR") or Path(cfg.get("TOKENFOLD_DATA", "data")) / "logs")
+    log_dir = Path(cfg.lookup("LOG_DIR") or Path(cfg.lookup("TOKENFOLD_DATA", "data")) / "logs")
     if not log_dir.is_absolute():
         log_dir = ROOT / log_dir
     folder = Path(folder) if folder else log_dir / "submitit"
@@ -241,9 +189,9 @@ def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = 
     for job in jobs:
         run = runs.setdefault(job.stage, StageRun(job.stage, job.name, "completed", reports=job.reports))
         if job.status == "complete":
-            run.status = "skipped"
-            if job.phase != "finalize":
+            if run.status != "skipped":
                 log(f"stage {job.stage} {job.name}: complete ({job.marker} exists), skipped")
+            run.status = "skipped"
             continue
         executor.update_parameters(**executor_parameters(job))
         command = StageCommand(job.script, job.args, env)
@@ -252,8 +200,7 @@ def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = 
             subs = executor.map_array(command, list(range(job.tasks)), [job.tasks] * job.tasks)
         else:
             subs = [executor.submit(command)]
-        log(f"stage {job.stage} {job.name}{' ' + job.phase if job.phase != 'job' else ''}: "
-            f"job(s) {', '.join(str(s.job_id) for s in subs)}")
+        log(f"stage {job.stage} {job.label}: job(s) {', '.join(str(s.job_id) for s in subs)}")
         for s in subs:
             try:
                 s.result()
@@ -264,8 +211,7 @@ def run_pipeline(config: str | os.PathLike | None = None, cluster: str | None = 
                 raise _fail(job, s, e) from e
         run.job_ids += [str(s.job_id) for s in subs]
         run.seconds += time.time() - t0
-        log(f"stage {job.stage} {job.name}{' ' + job.phase if job.phase != 'job' else ''}: "
-            f"done in {time.time() - t0:.1f}s")
+        log(f"stage {job.stage} {job.label}: done in {time.time() - t0:.1f}s")
     return PipelineRun(str(cfg.path), executor.cluster, list(runs.values()))
 
 
@@ -288,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[k] = v
     try:
         res = run_pipeline(a.config, a.cluster, overrides, a.start, a.until)
-    except StageFailed as e:
+    except (StageFailed, ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"\nTokenFold pipeline finished ({res.cluster}). Wall time per stage:")
