@@ -122,6 +122,9 @@ def _unragged(data, off) -> list[np.ndarray]:
 def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg: EvalConfig, decoder,
                    base: Baselines | None, chunk_seed: int) -> dict:
     """Everything per protein for the token examples `idx` (all in DB shard `shard`)."""
+    from .generate import generate  # torch: imported when there is work, not for --help
+    from .teacher_forcing import teacher_forced
+
     sh = db.shards[shard]
     n_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     rows, skipped = [], []
@@ -150,9 +153,6 @@ def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg
         rows.append(dict(id=pid, db_index=g, crop_start=crop, aa=aa, ids=ids, true=codes, ca=ca, starts=starts))
     sh.release()
     seqs = [r["aa"] for r in rows]
-    from .generate import generate
-    from .teacher_forcing import teacher_forced
-
     d = cfg.decoding
     gen = generate(model, vocab, seqs, sampling=d.sampling(seed=chunk_seed), batch_size=d.batch_size,
                    max_batch_tokens=d.max_batch_tokens)
