@@ -3,7 +3,7 @@
 
 Same model, same proteins, same device, one run:
 
-    reference = `tokenfold.generate.reference_generate`: transformers' own ``model.generate()`` called
+    reference = `tokenfold.generate_reference.reference_generate`: transformers' own ``model.generate()`` called
                 once per protein (greedy, KV cache, the layout enforced by a LogitsProcessor)
     ours      = `tokenfold.generate.generate`: length-grouped batches (left padding + position ids in
                 the plain layout, the amino acids fed between generated tokens in the interleaved
@@ -34,7 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tokenfold.device import pick_device, pick_dtype  # noqa: E402
-from tokenfold.generate import generate, reference_generate  # noqa: E402
+from tokenfold.generate import default_batch_size, generate  # noqa: E402
+from tokenfold.generate_reference import reference_generate  # noqa: E402
+from tokenfold.inference import set_cpu_threads  # noqa: E402
 from tokenfold.vocab import AA_LETTERS, Vocab  # noqa: E402
 
 SHARED_FASTA = ROOT.parent / "shared" / "data" / "foldseek_db" / "shared_aa.fasta"
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads for both sides (default: as stage 06, `generate.set_cpu_threads`)")
+                   help="torch CPU threads for both sides (default: as stage 06, `inference.set_cpu_threads`)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
@@ -96,8 +98,6 @@ def main(argv=None) -> int:
                  else Vocab.for_kind("geo", n_struct=514, interleaved=a.interleaved))
         model = build_model(build_config(a.preset, vocab), pick_attention(device), seed=a.seed).to(device, dtype).eval()
         what = f"RANDOMLY INITIALISED '{a.preset}' preset (speed only)"
-    from tokenfold.generate import set_cpu_threads
-
     set_cpu_threads(model, a.threads)
     seqs, source = load_sequences(a.n, a.min_length, a.max_length, a.seed)
     n_res = sum(len(s) for s in seqs)
@@ -112,15 +112,13 @@ def main(argv=None) -> int:
 
     sync(device)
     t = time.perf_counter()
-    from tokenfold.generate import default_batch_size
-
     a.batch_size = a.batch_size or default_batch_size(device)
     ours = generate(model, vocab, seqs, batch_size=a.batch_size)
     sync(device)
     t_ours = time.perf_counter() - t
 
     t = time.perf_counter()
-    ref = [reference_generate(model, vocab, s) for s in seqs]
+    ref = [vocab.decode(reference_generate(model, vocab, s))[1] for s in seqs]
     sync(device)
     t_ref = time.perf_counter() - t
 

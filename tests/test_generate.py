@@ -1,51 +1,19 @@
-"""Batched constrained generation: valid by construction, and equal to one-by-one HF generate().
+"""Batched constrained generation: equal to one-by-one HF generate() under the same constraints,
+sampling within top-k / top-p, unconstrained validity and length match.
 
-The models here are tiny *randomly initialised* transformers LlamaForCausalLM (the library's own
-class): what is tested is the decoding machinery, not what a model learned (tests/test_evaluate.py
-trains one).
+The models (tests/stage06.py) are tiny transformers LlamaForCausalLM, randomly initialised or with
+hand-written weights: what is tested is the decoding machinery, not what a model learned.
 """
 import numpy as np
 import pytest
 import torch
 
-from tokenfold.generate import Sampling, generate, reference_generate, teacher_forced
+from stage06 import bigram_llama, random_seqs, tiny_llama
+from tokenfold.generate import Sampling, generate
+from tokenfold.generate_reference import reference_generate
 from tokenfold.vocab import AA_LETTERS, EOS, Vocab
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_llama(vocab: Vocab, seed: int = 0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab.size, hidden_size=kw.get("hidden", 64), intermediate_size=128,
-                      num_hidden_layers=kw.get("layers", 2), num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=EOS)
-    cfg._attn_implementation = "sdpa"
-    return LlamaForCausalLM(cfg).eval()
-
-
-def bigram_llama(vocab: Vocab, next_of: dict[int, int], default: int):
-    """A Llama whose next token depends only on the current one (layers zeroed to identity, one-hot
-    embeddings, lm_head = the table): a model with a known, hand-written behaviour."""
-    m = tiny_llama(vocab, hidden=max(64, vocab.size + 1), layers=1)
-    with torch.no_grad():
-        for layer in m.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        E = m.model.embed_tokens.weight
-        E.zero_()
-        E[torch.arange(vocab.size), torch.arange(vocab.size)] = 1.0
-        W = m.lm_head.weight
-        W.zero_()
-        for cur in range(vocab.size):
-            W[next_of.get(cur, default), cur] = 10.0
-    return m
-
-
-def random_seqs(n, lo, hi, seed=0):
-    rng = np.random.default_rng(seed)
-    return ["".join(rng.choice(list(AA_LETTERS[:20]), size=int(L))) for L in rng.integers(lo, hi, size=n)]
 
 
 VOCABS = {"3di": lambda il: Vocab.for_kind("3di", interleaved=il),
@@ -54,25 +22,54 @@ VOCABS = {"3di": lambda il: Vocab.for_kind("3di", interleaved=il),
 
 @pytest.mark.parametrize("interleaved", [False, True], ids=["plain", "interleaved"])
 @pytest.mark.parametrize("kind", ["3di", "geo"])
-def test_constrained_gives_exactly_L_structure_tokens(kind, interleaved):
+def test_constrained_greedy_is_hf_generate_under_the_same_constraints(kind, interleaved):
+    """The whole example (prompt, one structure token per residue, <eos>) equals what HF generate()
+    produces with the layout enforced by a logits processor, down to proteins of 1 and 2 residues."""
     v = VOCABS[kind](interleaved)
     m = tiny_llama(v, seed=1)
     seqs = ["M", "AC"] + random_seqs(9, 3, 40, seed=2)
-    for sampling in (Sampling(), Sampling(do_sample=True, temperature=1.5, top_k=7, top_p=0.9, seed=3)):
-        out = generate(m, v, seqs, sampling=sampling, batch_size=4)
+    for s, g in zip(seqs, generate(m, v, seqs, batch_size=4)):
+        assert g.codes.min() >= 0 and g.codes.max() < v.n_struct
+        ref = reference_generate(m, v, s)
+        assert ref[-1] == EOS and np.array_equal(v.encode(s, g.codes), ref), s
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["plain", "interleaved"])
+@pytest.mark.parametrize("kind", ["3di", "geo"])
+def test_constrained_sampling_draws_within_top_k_and_top_p(kind, interleaved):
+    """Each sampled structure token is among the top-k structure tokens and inside the top-p nucleus
+    of the tempered distribution that a plain forward over the sampled example gives at its position."""
+    v = VOCABS[kind](interleaved)
+    m = tiny_llama(v, seed=1)
+    seqs = ["M", "AC"] + random_seqs(9, 3, 40, seed=2)
+    for k, p, temp in ((7, 0.9, 1.5), (0, 0.3, 0.7)):
+        out = generate(m, v, seqs, sampling=Sampling(do_sample=True, temperature=temp, top_k=k, top_p=p, seed=3),
+                       batch_size=4)
+        n_below_top1 = 0
         for s, g in zip(seqs, out):
-            assert len(g.codes) == len(s)
-            assert g.codes.min() >= 0 and g.codes.max() < v.n_struct
-            assert v.is_struct(g.tokens[:-1]).all() and g.tokens[-1] == EOS
-            aa, codes = v.decode(v.encode(s, g.codes))  # a well-formed example of the layout
-            assert aa == s and np.array_equal(codes, g.codes)
+            ids = torch.as_tensor(v.encode(s, g.codes))   # raises unless exactly one code per residue
+            with torch.no_grad():
+                logits = m(input_ids=ids[None]).logits[0, :-1].float()
+            at = torch.as_tensor(v.is_struct(ids[1:].numpy()))
+            x = logits[at][:, v.struct_offset:v.size] / temp                  # [L, n_struct]
+            codes = torch.as_tensor(g.codes)[:, None]
+            rank = (x > x.gather(1, codes) + 1e-4).sum(1)
+            if k:
+                assert (rank < k).all(), s                                      # within the top k
+                x = x.masked_fill(x < torch.topk(x, k, dim=1).values[:, -1:], float("-inf"))
+            probs = torch.softmax(x, dim=1)
+            mass_before = (probs * (probs > probs.gather(1, codes) + 1e-6)).sum(1)
+            assert (mass_before < p + 1e-4).all(), s                            # within the nucleus
+            n_below_top1 += int((rank > 0).sum())
+        assert n_below_top1 > 0   # it did sample: not every token is the most likely one
 
 
 def test_constraint_overrides_a_model_that_wants_amino_acids():
     v = Vocab.for_kind("3di")
     m = bigram_llama(v, {}, default=v.aa_offset + 3)  # always predicts an amino acid
     out = generate(m, v, ["MKVL", "GG"])
-    assert [len(g.codes) for g in out] == [4, 2]
+    # every structure token has logit 0: greedy takes the first, one per residue
+    assert [g.codes.tolist() for g in out] == [[0] * 4, [0] * 2]
     unc = generate(m, v, ["MKVL", "GG"], constrained=False)
     assert not any(g.valid or g.length_match for g in unc)
 
@@ -85,7 +82,7 @@ def test_batched_equals_one_by_one_hf_generate(interleaved):
     seqs = random_seqs(10, 2, 45, seed=5)
     batched = generate(m, v, seqs, batch_size=6)   # two batches of mixed lengths
     for s, g in zip(seqs, batched):
-        ref = reference_generate(m, v, s)
+        _, ref = v.decode(reference_generate(m, v, s))
         assert np.array_equal(g.codes, ref), s
     single = generate(m, v, seqs, batch_size=1)
     assert all(np.array_equal(a.codes, b.codes) for a, b in zip(batched, single))
@@ -131,28 +128,3 @@ def test_unconstrained_validity_and_length_match():
     early = bigram_llama(vi, {}, default=EOS)
     out = generate(early, vi, ["MKV"], constrained=False)
     assert out[0].valid and not out[0].length_match and len(out[0].codes) == 0
-
-
-def test_teacher_forced_scores_match_a_plain_forward():
-    v = Vocab.for_kind("geo", n_struct=66, interleaved=True)
-    m = tiny_llama(v, seed=8)
-    seqs = random_seqs(4, 3, 25, seed=9)
-    rng = np.random.default_rng(0)
-    examples = [v.encode(s, rng.integers(0, v.n_struct, len(s))) for s in seqs]
-    tf = teacher_forced(m, v, examples, batch_size=3)
-    for s, ex, t in zip(seqs, examples, tf):
-        ids = torch.as_tensor(ex)[None]
-        with torch.no_grad():
-            logits = m(input_ids=ids).logits[0, :-1].float()
-        tgt = ids[0, 1:]
-        lm = torch.as_tensor(v.loss_mask(tgt.numpy()))
-        nll = -torch.log_softmax(logits, -1)[torch.arange(len(tgt)), tgt][lm].sum()
-        assert t.n_targets == int(lm.sum()) == len(s) + 1   # structure tokens and <eos>
-        assert t.nll == pytest.approx(float(nll), rel=1e-4)
-        smask = torch.as_tensor(v.is_struct(tgt.numpy()))
-        pred = logits[:, v.struct_offset:v.size].argmax(-1)[smask].numpy()
-        assert np.array_equal(t.pred_codes, pred)
-    # teacher-forced argmax on the model's own greedy output reproduces that output
-    greedy = generate(m, v, seqs)
-    tf = teacher_forced(m, v, [v.encode(s, g.codes) for s, g in zip(seqs, greedy)])
-    assert all(np.array_equal(t.pred_codes, g.codes) for t, g in zip(tf, greedy))

@@ -1,4 +1,4 @@
-"""Structure tokens from amino acids: batched generation with a KV cache, and teacher-forced scoring.
+"""Structure tokens from amino acids: batched generation with a KV cache.
 
 Constrained decoding (the default) makes the model's output a valid structure by construction:
 exactly one structure token per residue, only structure tokens at those positions, ``<eos>`` after
@@ -15,9 +15,9 @@ Batching. Proteins are grouped by length (`tokenfold.batching.budget_batches`), 
   (the same number of tokens as the plain layout's prompt + generation).
 
 Rows that are finished keep being fed (their outputs are ignored) until the longest row ends; the
-length grouping keeps that waste small. `reference_generate` is the plain one-protein-at-a-time HF
-``generate()`` with the same constraints (a logits processor), used by the tests and the benchmark
-as the reference that batched generation must reproduce.
+length grouping keeps that waste small. `tokenfold.generate_reference` is the plain
+one-protein-at-a-time HF ``generate()`` with the same constraints, the reference that batched
+generation must reproduce (tests, bench/bench_generate.py).
 
 Unconstrained mode lets the model choose freely among all tokens (amino acids still fed in the
 interleaved layout) and reports whether its output was valid (only structure tokens before the end)
@@ -26,7 +26,6 @@ and whether it had exactly L structure tokens.
 from __future__ import annotations
 
 import functools
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +34,6 @@ import torch
 from .batching import budget_batches
 from .cli import progress
 from .vocab import BOS, EOS, PAD, Vocab
-
-log = logging.getLogger("tokenfold.generate")
 
 
 @dataclass
@@ -62,12 +59,10 @@ class Sampling:
 class Generation:
     """One protein's output. `codes`: structure codes (constrained: exactly L of them).
 
-    `tokens` are the ids the model chose at its own positions (structure slots and the end slot),
     `valid`: only structure tokens before the end; `length_match`: valid and exactly L of them, then <eos>.
     """
 
     codes: np.ndarray
-    tokens: np.ndarray
     valid: bool
     length_match: bool
 
@@ -103,25 +98,6 @@ def default_batch_size(device) -> int:
     misses (tiny preset, 64 real proteins of 51-291 residues, 1 thread: 10.5 proteins/s at 16 rows,
     7.6 at 64; bench/bench_generate.py)."""
     return 64 if torch.device(device).type == "cuda" else 16
-
-
-SMALL_MODEL_PARAMS = 20_000_000
-
-
-def set_cpu_threads(model, requested: int | None = None) -> int:
-    """Torch CPU threads for decoding with `model`: `requested` if given; otherwise 1 for models under
-    20M parameters (a decoding step of such a model is many tiny ops, and OpenMP threads mostly add
-    synchronisation: tiny preset, 32 proteins, 2-core box shared with other jobs: 4.1 s on 1 thread,
-    92.7 s on 2), else torch's default (the 75M `small` preset: 35.1 s on 1 thread, 25.4 s on 2).
-    No effect on GPU models. Returns the thread count in use."""
-    if requested:
-        torch.set_num_threads(int(requested))
-    elif next(model.parameters()).device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SMALL_MODEL_PARAMS:
-        if torch.get_num_threads() != 1:
-            log.info("decoding a model of < %dM parameters on CPU: 1 torch thread (--threads to change)",
-                     SMALL_MODEL_PARAMS // 1_000_000)
-        torch.set_num_threads(1)
-    return torch.get_num_threads()
 
 
 def _forward(model, ids, cache, attention_mask=None, position_ids=None):
@@ -277,14 +253,13 @@ def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Genera
     if constrained:
         codes = toks - vocab.struct_offset
         assert len(codes) == L and (codes >= 0).all() and (codes < vocab.n_struct).all()
-        return Generation(codes=codes, tokens=np.append(toks, EOS), valid=True, length_match=True)
+        return Generation(codes=codes, valid=True, length_match=True)
     stop = np.flatnonzero(toks == EOS)
     body = toks[: stop[0]] if len(stop) else toks
     struct = vocab.is_struct(body)
     valid = bool(struct.all())
     codes = body[struct] - vocab.struct_offset
-    return Generation(codes=codes, tokens=toks, valid=valid,
-                      length_match=valid and len(stop) > 0 and len(codes) == L)
+    return Generation(codes=codes, valid=valid, length_match=valid and len(stop) > 0 and len(codes) == L)
 
 
 def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, sampling: Sampling | None = None,
@@ -315,96 +290,3 @@ def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, 
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- teacher forcing
-@dataclass
-class TeacherForced:
-    """Scores of the true tokens of one example: negative log-likelihood summed over the loss targets
-    (structure tokens and <eos>, the training loss), and the model's argmax among structure tokens."""
-
-    nll: float          # sum over n_targets
-    n_targets: int      # L + 1 (structure tokens + <eos>)
-    pred_codes: np.ndarray  # argmax over structure tokens at each structure target (teacher forced)
-
-
-@torch.inference_mode()
-def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: int | None = None,
-                   max_batch_tokens: int = 65536) -> list[TeacherForced]:
-    """Score token examples (as written by stage 04) in length-grouped, right-padded batches."""
-    device = next(model.parameters()).device
-    batch_size = batch_size or default_batch_size(device)
-    so, sz = vocab.struct_offset, vocab.size
-    out: list[TeacherForced | None] = [None] * len(examples)
-    was_training = model.training
-    model.eval()
-    try:
-        for b in budget_batches([len(e) for e in examples], max_batch_tokens, max_rows=batch_size):
-            T = max(len(examples[i]) for i in b)
-            ids = torch.full((len(b), T), PAD, dtype=torch.long)
-            att = torch.zeros((len(b), T), dtype=torch.long)
-            for r, i in enumerate(b):
-                e = torch.as_tensor(np.asarray(examples[i], dtype=np.int64))
-                ids[r, :len(e)] = e
-                att[r, :len(e)] = 1
-            ids, att = ids.to(device), att.to(device)
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
-            tgt = ids[:, 1:]
-            valid = att[:, 1:].bool()
-            lmask = ((tgt >= so) & (tgt < sz) | (tgt == EOS)) & valid
-            nll = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
-            smask = (tgt >= so) & (tgt < sz) & valid
-            arg = logits[..., so:sz].argmax(-1)
-            nll_sum = (nll * lmask).sum(1).cpu().numpy()
-            n_t = lmask.sum(1).cpu().numpy()
-            arg, smask = arg.cpu().numpy(), smask.cpu().numpy()
-            for r, i in enumerate(b):
-                out[i] = TeacherForced(nll=float(nll_sum[r]), n_targets=int(n_t[r]), pred_codes=arg[r][smask[r]])
-    finally:
-        model.train(was_training)
-    return out  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------- the reference
-class LayoutConstraint:
-    """A transformers LogitsProcessor that makes plain HF ``generate()`` follow the constrained layout
-    for one protein: structure tokens only at structure slots, the amino acids forced in the
-    interleaved layout, <eos> after L. The reference `generate` must reproduce (tests, bench)."""
-
-    def __init__(self, vocab: Vocab, seq: str, prompt_len: int):
-        self.vocab, self.L, self.prompt_len = vocab, len(seq), prompt_len
-        self.aa = vocab.aa_ids(seq)
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        n = input_ids.shape[1] - self.prompt_len  # tokens generated so far
-        v = self.vocab
-        allow = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
-        if v.interleaved:
-            if n == 2 * self.L:
-                allow[EOS] = True
-            elif n % 2 == 0:
-                allow[int(self.aa[n // 2])] = True
-            else:
-                allow[v.struct_offset:v.size] = True
-        elif n < self.L:
-            allow[v.struct_offset:v.size] = True
-        else:
-            allow[EOS] = True
-        return scores.masked_fill(~allow, float("-inf"))
-
-
-@torch.inference_mode()
-def reference_generate(model, vocab: Vocab, seq: str) -> np.ndarray:
-    """Greedy constrained decoding of ONE protein with HF ``generate()`` (the slow, obvious way)."""
-    from transformers import LogitsProcessorList
-
-    device = next(model.parameters()).device
-    prompt = torch.as_tensor(vocab.prompt(seq))[None].to(device)
-    n_new = (2 * len(seq) if vocab.interleaved else len(seq)) + 1
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                         do_sample=False, num_beams=1, eos_token_id=EOS, pad_token_id=PAD,
-                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, seq, prompt.shape[1])]))
-    _, codes = vocab.decode(out[0, prompt.shape[1]:].cpu().numpy())
-    if len(codes) != len(seq):
-        log.warning("reference generate gave %d tokens for %d residues", len(codes), len(seq))
-    return codes

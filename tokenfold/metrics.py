@@ -18,7 +18,7 @@ correspondence is fixed: residue i of the prediction is residue i of the truth, 
                 for chains without breaks.
 
 Token metrics: per-residue accuracy and the confusion matrix; perplexity comes from the model
-(`tokenfold.generate.teacher_forced`).
+(`tokenfold.teacher_forcing.teacher_forced`).
 """
 from __future__ import annotations
 

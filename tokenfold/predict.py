@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from .artifacts import write_text_atomic
-from .cli import die, setup_logging
+from .cli import add_options, die, options_from_args, setup_logging
 from .fasta import read_fasta
+from .inference import Decoding, load_decoder, load_model, safe_name, write_ca_pdb
 
 log = logging.getLogger("tokenfold.predict")
 
@@ -44,42 +45,14 @@ def max_residues(model) -> int:
     return (n_pos - 4) // 2
 
 
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    """Decoding and device options shared by 06_evaluate.py and this CLI."""
-    g = p.add_argument_group("decoding (constrained: one structure token per residue; greedy by default)")
-    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
-    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: off)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="proteins per generation batch (default 64 on a GPU, 16 on a CPU)")
-    g.add_argument("--max-batch-tokens", type=int, default=65536,
-                   help="bound on proteins x longest length per batch, for GPU memory (default 65536)")
-    g.add_argument("--device", default="auto", help="cuda, cuda:1, cpu, or auto (default: cuda when available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    g.add_argument("--kanzi-checkpoint", default=None, help="Kanzi weights, to decode kanzi tokens")
-    g.add_argument("--seed", type=int, default=0, help="seed for sampling (and stage 06's baselines' train sample)")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for models under 20M parameters, where more threads "
-                        "only slow decoding down, else torch's choice)")
-
-
-def sampling_from_args(a: argparse.Namespace):
-    from .generate import Sampling
-
-    return Sampling(do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
-
-
-def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = "auto", dtype: str = "auto",
-            batch_size: int | None = None, max_batch_tokens: int = 65536, kanzi_checkpoint: str | None = None,
-            threads: int | None = None) -> dict:
-    from .evaluate import load_decoder, load_model, safe_name, write_ca_pdb
-    from .generate import generate, set_cpu_threads
+def predict(checkpoint: str, fasta: str, out: str, decoding: Decoding | None = None) -> dict:
+    """Predict every usable record of `fasta` into `out` (module docstring); returns counts."""
+    from .generate import generate
 
     out = Path(out)
-    model, vocab, ckpt = load_model(checkpoint, device, dtype)
-    set_cpu_threads(model, threads)
+    decoding = decoding or Decoding()
+    sampling = decoding.sampling()  # checked before the model loads
+    model, vocab, ckpt = load_model(checkpoint, decoding)
     recs = read_fasta(fasta)
     if not recs:
         raise ValueError(f"{fasta}: no FASTA records")
@@ -97,9 +70,9 @@ def predict(checkpoint: str, fasta: str, out: str, sampling=None, device: str = 
         seen.add(name)
         keep.append((name, s))
     log.info("predict: %d sequences, %d rejected", len(keep), len(rejects))
-    gens = generate(model, vocab, [s for _, s in keep], sampling=sampling, batch_size=batch_size,
-                    max_batch_tokens=max_batch_tokens, show_progress=True)
-    decoder = load_decoder(vocab, [ckpt], kanzi_checkpoint)  # None for kinds that do not decode
+    gens = generate(model, vocab, [s for _, s in keep], sampling=sampling, batch_size=decoding.batch_size,
+                    max_batch_tokens=decoding.max_batch_tokens, show_progress=True)
+    decoder = load_decoder(vocab, [ckpt], decoding.kanzi_checkpoint)  # None for kinds that do not decode
     pdbs = []
     if decoder is not None and keep:
         for (name, s), ca in zip(keep, decoder.decode_many([g.codes for g in gens])):
@@ -119,13 +92,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True,
                    help="output dir: structure_tokens.fasta, pdb/<id>.pdb (geo/kanzi), rejects.tsv")
     p.add_argument("-v", "--verbose", action="store_true")
-    add_decoding_args(p)
+    add_options(p, Decoding)
     a = p.parse_args(argv)
     setup_logging(a.verbose)
     try:
-        s = sampling_from_args(a)
-        r = predict(a.checkpoint, a.fasta, a.out, s, a.device, a.dtype, a.batch_size, a.max_batch_tokens,
-                    a.kanzi_checkpoint, a.threads)
+        r = predict(a.checkpoint, a.fasta, a.out, options_from_args(Decoding, a))
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
     if r["n_predicted"] == 0:
