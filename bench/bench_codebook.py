@@ -53,7 +53,7 @@ def main() -> None:
     n_max = max(args.sizes)
     if args.embeddings:
         from tokenfold.db import ProteinDB
-        from tokenfold.esm import EmbeddingStore
+        from tokenfold.embedding_store import EmbeddingStore
 
         store = EmbeddingStore(args.embeddings)
         db = ProteinDB(args.db) if store.mode == "full" else None

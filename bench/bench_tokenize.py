@@ -216,7 +216,8 @@ def main():
 def esm_stage(tmp, db, recs, stage):
     """Stage 04 esm kind with a tiny RANDOM ESM-2 (made here) and a stage-03 codebook fit on its vectors."""
     from tokenfold.codebook import Codebook  # noqa: F401 - ImportError -> the caller reports a skip
-    from tokenfold.esm import embed, load_esm, write_random_checkpoint
+    from tokenfold.esm_checkpoint import load_esm, write_random_checkpoint
+    from tokenfold.esm_embed import embed
 
     ck = write_random_checkpoint(tmp / "esm2_t2_RANDOM_bench.pt", num_layers=2, embed_dim=64, heads=4)
     model, alphabet, _ = load_esm(ck, allow_random=True)

@@ -13,7 +13,6 @@ import pytest
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import normalized_mutual_info_score
 
-from tokenfold import esm as E
 from tokenfold.artifacts import read_json
 from tokenfold.codebook import (
     Codebook,
@@ -26,22 +25,25 @@ from tokenfold.codebook import (
     run_train_codebook,
 )
 from tokenfold.db import ProteinDB
+from tokenfold.embedding_store import EmbeddingStore
+from tokenfold.esm_checkpoint import write_random_checkpoint
+from tokenfold.extract import ExtractConfig, finalize, run_extract
 
 
 @pytest.fixture(scope="module")
 def emb_dir(small_db, tmp_path_factory):
     root = tmp_path_factory.mktemp("cb")
-    ckpt = E.write_random_checkpoint(root / "esm2_t2_tiny_RANDOM_seed1.pt", num_layers=2, embed_dim=32, heads=4, seed=1)
+    ckpt = write_random_checkpoint(root / "esm2_t2_tiny_RANDOM_seed1.pt", num_layers=2, embed_dim=32, heads=4, seed=1)
     out = root / "embeddings" / "esm2_t2_tiny_RANDOM_seed1_L2"
-    cfg = E.ExtractConfig(db=small_db, out=out, model=str(ckpt), random_weights_for_testing=True)
-    E.run_extract(cfg)
-    E.finalize(cfg)
+    cfg = ExtractConfig(db=small_db, out=out, model=str(ckpt), random_weights_for_testing=True)
+    run_extract(cfg)
+    finalize(cfg)
     return out
 
 
 @pytest.fixture(scope="module")
 def train_val(emb_dir, small_db):
-    store, db = E.EmbeddingStore(emb_dir), ProteinDB(small_db)
+    store, db = EmbeddingStore(emb_dir), ProteinDB(small_db)
     return store.residues(db, "train", None, 0), store.residues(db, "val", None, 0)
 
 

@@ -308,7 +308,8 @@ def outputs(out: Path, k: int) -> dict[str, Path]:
 
 def run_train_codebook(cfg: CodebookConfig) -> dict:
     from .db import ProteinDB
-    from .esm import RANDOM_BANNER, EmbeddingStore
+    from .embedding_store import EmbeddingStore
+    from .esm_checkpoint import RANDOM_BANNER
 
     paths = outputs(cfg.out, cfg.k)
     if paths["summary"].exists() and not cfg.overwrite:
