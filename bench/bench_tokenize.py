@@ -228,7 +228,8 @@ def esm_stage(tmp, db, recs, stage):
 
 
 def make_esm_codebook(tmp, x, ck):
-    from tokenfold.codebook import Codebook, fit_codebook
+    from tokenfold.codebook import Codebook
+    from tokenfold.codebook_fit import fit_codebook
 
     km = fit_codebook(x, k=64, seed=0, n_init=1)
     cb = Codebook(km.centroids, {"esm_model": ck.stem, "esm_model_path": str(ck), "layer": 2, "random_weights": True,

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
+from tokenfold.db import ProteinDB
+from tokenfold.embedding_store import EmbeddingStore
 from tokenfold.esm_checkpoint import load_esm, write_random_checkpoint
 from tokenfold.extract import ExtractConfig, finalize, run_extract
 
@@ -58,3 +60,23 @@ def full_run(small_db, tiny_ckpt, tmp_path_factory) -> Path:
     run_extract(cfg)
     finalize(cfg)
     return out
+
+
+@pytest.fixture(scope="session")
+def emb_dir(small_db, tmp_path_factory) -> Path:
+    """Stage 02 in full mode with a 32-wide RANDOM ESM-2 (seed 1), where stage 03 looks for it:
+    ``<root>/embeddings/esm2_t2_tiny_RANDOM_seed1_L2``."""
+    root = tmp_path_factory.mktemp("cb")
+    ckpt = write_random_checkpoint(root / "esm2_t2_tiny_RANDOM_seed1.pt", num_layers=2, embed_dim=32, heads=4, seed=1)
+    out = root / "embeddings" / "esm2_t2_tiny_RANDOM_seed1_L2"
+    cfg = _stage02_config(small_db, out, ckpt)
+    run_extract(cfg)
+    finalize(cfg)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_val(emb_dir, small_db):
+    """Every train and every val residue of `emb_dir` (`EmbeddingStore.residues` dicts)."""
+    store, db = EmbeddingStore(emb_dir), ProteinDB(small_db)
+    return store.residues(db, "train", None, 0), store.residues(db, "val", None, 0)

@@ -205,7 +205,8 @@ def test_cli(small_db, tmp_path):
 
 def test_esm_roundtrip_stored_and_on_the_fly(small_db, tmp_path):
     """esm kind with a tiny RANDOM ESM-2: vectors from a full stage-02 store, and computed on the fly."""
-    from tokenfold.codebook import Codebook, fit_codebook
+    from tokenfold.codebook import Codebook
+    from tokenfold.codebook_fit import fit_codebook
     from tokenfold.embedding_store import EmbeddingStore
     from tokenfold.esm_checkpoint import load_esm, write_random_checkpoint
     from tokenfold.esm_embed import embed
