@@ -2,7 +2,7 @@
 """Stage 03 k-means fit time versus the number of training residues, against scikit-learn's defaults.
 
 Reference: ``sklearn.cluster.MiniBatchKMeans(n_clusters=K, random_state=0)`` with its default settings
-(batch_size 1024, n_init "auto" = one k-means++ start, threads as found). Ours: `tokenfold.codebook.fit_codebook` as stage 03 calls
+(batch_size 1024, n_init "auto" = one k-means++ start, threads as found). Ours: `tokenfold.codebook_fit.fit_codebook` as stage 03 calls
 it (batch_size 4096, n_init 3, max_iter 100, BLAS single-threaded during the fit because the k-means++
 initialisation makes thousands of tiny BLAS calls that spin-wait for cores on a busy node).
 Both fit the same vectors in the same run; printed: seconds, the ratio, and the mean squared distance
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from tokenfold.codebook import Codebook, fit_codebook  # noqa: E402
+from tokenfold.codebook import Codebook  # noqa: E402
+from tokenfold.codebook_fit import fit_codebook  # noqa: E402
 
 
 def synthetic(n: int, dim: int, k: int, seed: int = 0) -> np.ndarray:
@@ -53,7 +54,7 @@ def main() -> None:
     n_max = max(args.sizes)
     if args.embeddings:
         from tokenfold.db import ProteinDB
-        from tokenfold.esm import EmbeddingStore
+        from tokenfold.embedding_store import EmbeddingStore
 
         store = EmbeddingStore(args.embeddings)
         db = ProteinDB(args.db) if store.mode == "full" else None

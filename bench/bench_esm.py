@@ -6,7 +6,7 @@ public API: ``FastaBatchedDataset.from_file``, ``get_batch_indices(toks_per_batc
 extra_toks_per_seq=1)``, a DataLoader with ``alphabet.get_batch_converter(1022)`` and 2 workers,
 ``model(toks, repr_layers=[layer])`` under ``torch.no_grad()``, one ``torch.save`` file per sequence
 with the per-token representation (``--include per_tok``), fp32 (extract.py has no autocast).
-Ours: ``tokenfold.esm.run_extract`` (stage 02 without its finalize/report step) on a protein DB holding
+Ours: ``tokenfold.extract.run_extract`` (stage 02 without its finalize/report step) on a protein DB holding
 the same sequences, default settings for the device, writing the sharded float16 HDF5.
 
 Weights: real ESM-2 weights cannot be downloaded here, so both sides load the SAME randomly initialised
@@ -42,10 +42,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tokenfold import esm as E  # noqa: E402
 from tokenfold.artifacts import write_json_atomic  # noqa: E402
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
 from tokenfold.device import pick_device  # noqa: E402
+from tokenfold.esm_checkpoint import ESM2_MODELS, ensure_random_checkpoint, load_esm  # noqa: E402
+from tokenfold.esm_embed import WINDOW  # noqa: E402
+from tokenfold.extract import ExtractConfig, run_extract  # noqa: E402
 from tokenfold.fasta import read_fasta  # noqa: E402
 
 SHAPES = {"t6": "esm2_t6_8M_UR50D", "t12": "esm2_t12_35M_UR50D", "t30": "esm2_t30_150M_UR50D",
@@ -77,7 +79,7 @@ def load_sequences(max_residues: int) -> tuple[list[tuple[str, str]], str]:
                 continue
     out, seen, total = [], set(), 0
     for name, seq in pairs:
-        if not 0 < len(seq) <= E.WINDOW or seq in seen:
+        if not 0 < len(seq) <= WINDOW or seq in seen:
             continue
         seen.add(seq)
         out.append((f"s{len(out):05d}_{name}".replace("/", "_"), seq))
@@ -92,7 +94,7 @@ def reference_extract(ckpt: Path, fasta: Path, out_dir: Path, layer: int, device
     from esm import FastaBatchedDataset
 
     t0, c0 = time.perf_counter(), _cpu()
-    model, alphabet, _ = E.load_esm(ckpt, allow_random=True)   # fair-esm's loader fails under torch >= 2.6
+    model, alphabet, _ = load_esm(ckpt, allow_random=True)   # fair-esm's loader fails under torch >= 2.6
     model.eval()
     if device == "cuda":
         model = model.cuda()
@@ -123,10 +125,10 @@ def ours_extract(ckpt: Path, seqs: list[tuple[str, str]], work: Path, device: st
     write_json_atomic(db / "manifest.json", {"format": "tokenfold-db",
                                             "shards": [{"file": "shards/shard_00000.h5", "n_entries": len(seqs)}]})
     np.save(db / "split.npy", np.zeros(len(seqs), np.uint8))
-    cfg = E.ExtractConfig(db=db, out=work / "emb", model=str(ckpt), random_weights_for_testing=True, device=device,
-                          toks_per_batch=toks_per_batch)
+    cfg = ExtractConfig(db=db, out=work / "emb", model=str(ckpt), random_weights_for_testing=True, device=device,
+                        toks_per_batch=toks_per_batch)
     t0, c0 = time.perf_counter(), _cpu()
-    E.run_extract(cfg)
+    run_extract(cfg)
     return {"residues": sum(len(s) for _, s in seqs), "wall": time.perf_counter() - t0, "cpu": _cpu() - c0}
 
 
@@ -155,8 +157,8 @@ def main() -> None:
         fasta.write_text("".join(f">{n}\n{s}\n" for n, s in seqs))
         for shape in args.shapes:
             name = SHAPES[shape]
-            ckpt = E.ensure_random_checkpoint(name, seed=0, models_dir=work / "models")
-            layer = E.ESM2_MODELS[name][0]
+            ckpt = ensure_random_checkpoint(name, seed=0, models_dir=work / "models")
+            layer = ESM2_MODELS[name][0]
             ref = reference_extract(ckpt, fasta, work / f"ref_{shape}", layer, args.device)
             ours = ours_extract(ckpt, seqs, work / f"ours_{shape}", args.device, args.toks_per_batch)
             assert ref["residues"] == ours["residues"] == n_res

@@ -218,7 +218,8 @@ def main():
 def esm_stage(tmp, db, recs, stage):
     """Stage 04 esm kind with a tiny RANDOM ESM-2 (made here) and a stage-03 codebook fit on its vectors."""
     from tokenfold.codebook import Codebook  # noqa: F401 - ImportError -> the caller reports a skip
-    from tokenfold.esm import embed, load_esm, write_random_checkpoint
+    from tokenfold.esm_checkpoint import load_esm, write_random_checkpoint
+    from tokenfold.esm_embed import embed
 
     ck = write_random_checkpoint(tmp / "esm2_t2_RANDOM_bench.pt", num_layers=2, embed_dim=64, heads=4)
     model, alphabet, _ = load_esm(ck, allow_random=True)
@@ -229,7 +230,8 @@ def esm_stage(tmp, db, recs, stage):
 
 
 def make_esm_codebook(tmp, x, ck):
-    from tokenfold.codebook import Codebook, fit_codebook
+    from tokenfold.codebook import Codebook
+    from tokenfold.codebook_fit import fit_codebook
 
     km = fit_codebook(x, k=64, seed=0, n_init=1)
     cb = Codebook(km.centroids, {"esm_model": ck.stem, "esm_model_path": str(ck), "layer": 2, "random_weights": True,

@@ -64,9 +64,13 @@ def test_geo_roundtrip_and_decoding(small_db, tmp_path):
 
 def test_esm_roundtrip_stored_and_on_the_fly(small_db, tmp_path):
     """esm kind with a tiny RANDOM ESM-2: vectors from a full stage-02 store, and computed on the fly."""
-    from tokenfold.codebook import Codebook, fit_codebook
-    from tokenfold.esm import EmbeddingStore, ExtractConfig, embed, load_esm, run_extract, write_random_checkpoint
-    from tokenfold.esm import finalize as esm_finalize
+    from tokenfold.codebook import Codebook
+    from tokenfold.codebook_fit import fit_codebook
+    from tokenfold.embedding_store import EmbeddingStore
+    from tokenfold.esm_checkpoint import load_esm, write_random_checkpoint
+    from tokenfold.esm_embed import embed
+    from tokenfold.extract import ExtractConfig, run_extract
+    from tokenfold.extract import finalize as esm_finalize
 
     ck = write_random_checkpoint(tmp_path / "esm2_t2_RANDOM_test.pt", num_layers=2, embed_dim=32, heads=4)
     emb = tmp_path / "emb"

@@ -124,7 +124,7 @@ class GeoKind(TokenKind):
 class EsmKind(TokenKind):
     """Codes of the stage-03 codebook. Vectors come from the stage-02 store when it holds full per-shard
     embeddings of this DB; otherwise (a sampled store, or none) they are computed here with the
-    codebook's own model and layer (`tokenfold.esm.embed`, same windowing rule as stage 02)."""
+    codebook's own model and layer (`tokenfold.esm_embed.embed`, same windowing rule as stage 02)."""
 
     needs = "nothing"      # a sequence is enough
     chunk = 64             # on-the-fly vectors of a 650M ESM-2: 64 chains x 300 x 1280 floats ~ 100 MB
@@ -147,12 +147,12 @@ class EsmKind(TokenKind):
         elif m.get("embeddings_dir"):
             emb_dir = Path(m["embeddings_dir"])
         else:
-            from .esm import default_out_dir
+            from .extract import default_out_dir
 
             emb_dir = default_out_dir(str(m["esm_model"]), int(m["layer"]))
         self.emb_dir, self.store, self.model = emb_dir, None, None
         if (emb_dir / "manifest.json").exists():
-            from .esm import EmbeddingStore
+            from .embedding_store import EmbeddingStore
 
             store = EmbeddingStore(emb_dir)
             if str(store.meta.get("model")) != str(m.get("esm_model")) or int(store.meta.get("layer", -1)) != int(m["layer"]):
@@ -176,7 +176,8 @@ class EsmKind(TokenKind):
         return Vocab.for_kind("esm", n_struct=self.cb.K, interleaved=self.cfg.interleaved, esm_codebook=ref)
 
     def _embed(self, seqs: list[str]) -> list[np.ndarray]:
-        from .esm import embed, load_esm
+        from .esm_checkpoint import load_esm
+        from .esm_embed import embed
 
         if self.model is None:
             self.model, self.alphabet, info = load_esm(self.model_spec, allow_random=self.cfg.random_weights_for_testing,
