@@ -80,6 +80,7 @@ def finalize(ev: Evaluation) -> dict:
         "skipped": [{"id": a, "reason": b} for a, b in P["skipped"][:100]],
         "decoding": {"constrained": True, **asdict(cfg.decoding.sampling())},
         "random_weights_upstream": bool(v.meta.get("random_weights", False)),
+        **({"WARNING": v.meta["WARNING"]} if v.meta.get("WARNING") else {}),
         "vocab_meta": v.meta,
         "tokens_metrics": tokens,
         "length_bins": list(DEFAULT_LENGTH_BINS),
@@ -105,7 +106,7 @@ def finalize(ev: Evaluation) -> dict:
     if v.kind == "3di":
         pngs.append(confusion_plot(out / "confusion_3di.png", cm, v.struct_symbols))
     if decodable:
-        metrics["pdb_files"] = len(write_pdbs(out / "pdb", P, cfg.n_pdb))
+        metrics["pdb_files"] = len(write_pdbs(out / "pdb", P, cfg.n_pdb, v.meta.get("WARNING")))
         pngs += structure_plots(out, lengths, P["trace_metrics"], P, cfg.n_pictures)
     metrics["pngs"] = [p.name for p in pngs]
     from .report import write_report
@@ -169,9 +170,9 @@ def summary_line(m: dict) -> str:
     return s
 
 
-def write_pdbs(pdb_dir: Path, P: dict, limit: int) -> list[Path]:
+def write_pdbs(pdb_dir: Path, P: dict, limit: int, warning: str | None = None) -> list[Path]:
     """<id>_pred_vs_true.pdb for the first `limit` proteins with a true trace: chain A = truth,
-    chain B = decoded prediction superposed on it (Kabsch)."""
+    chain B = decoded prediction superposed on it (Kabsch); `warning` (RANDOM WEIGHTS) as a REMARK."""
     out = []
     for i in range(len(P["ids"])):
         if len(out) >= limit:
@@ -182,5 +183,6 @@ def write_pdbs(pdb_dir: Path, P: dict, limit: int) -> list[Path]:
             continue
         r, t = kabsch(pred[ok], true[ok])
         moved = pred.astype(np.float64) @ r.T + t
-        out.append(write_ca_pdb(pdb_dir / f"{safe_name(P['ids'][i])}_pred_vs_true.pdb", {"A": (aa, true), "B": (aa, moved)}))
+        out.append(write_ca_pdb(pdb_dir / f"{safe_name(P['ids'][i])}_pred_vs_true.pdb", {"A": (aa, true), "B": (aa, moved)},
+                               remark=warning))
     return out
