@@ -259,7 +259,7 @@ def test_stage04_kanzi_tokens(tok, ckpt, kanzi_tokens, small_db, tmp_path, capsy
     assert not (tmp_path / "k" / "manifest.json").exists()
 
 
-def test_end_to_end_on_random_weights(ckpt, kanzi_tokens, small_db, tmp_path):
+def test_end_to_end_on_random_weights(ckpt, kanzi_tokens, small_db, tmp_path, capsys):
     """Stage 05 on the Kanzi tokens, stage 06 decoding predictions AND the true tokens (the tokenizer's
     ceiling) with the same Kanzi checkpoint; every artifact says RANDOM WEIGHTS."""
     from tokenfold.stop import EXIT_OK
@@ -274,6 +274,7 @@ def test_end_to_end_on_random_weights(ckpt, kanzi_tokens, small_db, tmp_path):
     out = tmp_path / "eval"
     assert evaluate_cli("--checkpoint", run / "final", "--tokens", kanzi_tokens, "--db", small_db, "--out", out,
                         "--max-proteins", 3, "--n-pdb", 2, "--no-unconstrained", "--device", "cpu") == 0
+    assert "evaluation: [RANDOM WEIGHTS upstream" in capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     assert m["kind"] == "kanzi" and m["n_proteins"] == 3
     assert m["random_weights_upstream"] and m["WARNING"] == RANDOM_BANNER

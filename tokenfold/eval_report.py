@@ -156,7 +156,8 @@ def _fmt(x) -> str:
 def summary_line(m: dict) -> str:
     """The one-line summary of metrics.json that stage 06 prints."""
     t = m["tokens_metrics"]
-    s = (f"{m['n_proteins']} proteins, accuracy {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
+    s = ("[RANDOM WEIGHTS upstream: see metrics.json WARNING] " if m.get("WARNING") else "") + (
+         f"{m['n_proteins']} proteins, accuracy {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
          f"perplexity {t['perplexity']:.2f}); baselines "
          + ", ".join(f"{b} {d['accuracy']:.3f}" for b, d in t["baselines"].items()))
     if "structure" in m:
