@@ -44,6 +44,6 @@ $(KANZI_VENV)/bin/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 test-kanzi: $(KANZI_VENV)/bin/.installed
-	PATH="$(CURDIR)/$(KANZI_VENV)/bin:$$PATH" TOKENFOLD_REQUIRE_KANZI=1 $(KANZI_VENV)/bin/python -m pytest -q tests/test_kanzi.py
+	PATH="$(abspath $(KANZI_VENV))/bin:$$PATH" TOKENFOLD_REQUIRE_KANZI=1 $(KANZI_VENV)/bin/python -m pytest -q tests/test_kanzi.py
 
 .PHONY: install demo test test-kanzi
