@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     print(f"device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="bench_esm_"))
-    res = {"device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-           "n_sequences": len(seqs), "n_residues": n_res, "source": source, "shapes": {}}
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    res = {"device": dev, "n_sequences": len(seqs), "n_residues": n_res, "source": source, "shapes": {}}
     try:
         fasta = work / "seqs.fasta"
         fasta.write_text("".join(f">{n}\n{s}\n" for n, s in seqs))

@@ -20,7 +20,8 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--prepare" ]]; then
     PY=${PYTHON:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}
     mkdir -p .gpucheck/data .gpucheck/wheels
-    install -m 644 ../shared/data/foldseek_db/shared_aa.fasta ../shared/data/foldseek_db/shared_3di.fasta .gpucheck/data/
+    db=../shared/data/foldseek_db
+    install -m 644 "$db/shared_aa.fasta" "$db/shared_3di.fasta" .gpucheck/data/
     tv=$("$PY" -c 'import transformers; print(transformers.__version__)')
     plat=(--only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)

@@ -62,7 +62,8 @@ def test_max_len_follows_stage_04_and_a_shorter_one_is_refused(small_db, tmp_pat
     # the model's positions hold --max-len: raised when the preset has fewer, an explicit smaller value refused
     assert build_config("tiny", v, min_positions=2052).max_position_embeddings == 2052
     assert build_config("tiny", v, min_positions=100).max_position_embeddings == 2048
-    assert build_config("tiny", v, {"max_position_embeddings": 4096}, min_positions=2052).max_position_embeddings == 4096
+    big = build_config("tiny", v, {"max_position_embeddings": 4096}, min_positions=2052)
+    assert big.max_position_embeddings == 4096
     with pytest.raises(ValueError, match="max_position_embeddings=1024 holds fewer than the 2052 tokens"):
         build_config("tiny", v, {"max_position_embeddings": 1024}, min_positions=2052)
 
@@ -98,8 +99,8 @@ def test_default_settings_hold_every_example_of_the_shared_set(shared_structures
         final = tmp_path / "run" / "final"
         assert read_json(final / "config.json")["max_position_embeddings"] == 2052
         assert read_json(tmp_path / "run" / "run_config.json")["fingerprint"]["max_len"] == 2052
-        cfg = EvalConfig(checkpoint=str(final), out=str(tmp_path / "eval"), tokens=str(tok),
-                         db=str(shared_structures_db), split=split, unconstrained=False, decoding=Decoding(device="cpu"))
+        cfg = EvalConfig(checkpoint=str(final), out=str(tmp_path / "eval"), tokens=str(tok), db=str(shared_structures_db),
+                         split=split, unconstrained=False, decoding=Decoding(device="cpu"))
         ev = Evaluation(cfg)                                     # nothing refused: every example fits
         i = int(np.argmax(ev.ds.lengths))
         k = int(np.searchsorted(ev.db.shard_starts, ev.ds.db_index[i], side="right") - 1)
