@@ -91,6 +91,17 @@ def check_same_vocab(a: Vocab, b: Vocab, where: str) -> None:
                          f"from the checkpoint's ({a.kind}, interleaved={a.interleaved}, {a.n_struct} tokens)")
 
 
+def check_lengths(lengths: np.ndarray, n_positions: int | None, what: str, vocab: Vocab) -> None:
+    """The length rule of stages 05 and 06: every example evaluated fits the model's positions. A model
+    that cannot hold some is refused (one line): leaving them out would favour short chains."""
+    long = int((lengths > n_positions).sum()) if n_positions and len(lengths) else 0
+    if long:
+        raise ValueError(f"{long} of {len(lengths)} {what} are longer than the model's {n_positions} positions "
+                         f"(up to {int(lengths.max())} tokens), and leaving them out would favour short chains: "
+                         f"evaluate tokens made with 04_tokenize.py --max-length {vocab.max_residues(n_positions)}, "
+                         "or a model trained with stage 05's default --max-len")
+
+
 # ----------------------------------------------------------------------------- units of work
 def split_units(ds, db, chunk_size: int, max_proteins: int | None) -> dict[int, list[np.ndarray]]:
     """DB shard -> list of chunks (example indices into the token dataset), in dataset order."""
@@ -126,16 +137,12 @@ def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg
     from .teacher_forcing import teacher_forced
 
     sh = db.shards[shard]
-    n_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
     rows, skipped = [], []
     for i in idx:
         ids = np.asarray(ds[int(i)], dtype=np.int64)
         aa, codes = vocab.decode(ids)
         g, crop, n = int(ds.db_index[i]), int(ds.crop_start[i]), int(ds.n_res[i])
         pid = str(ds.ids[i])
-        if len(ids) > n_pos:
-            skipped.append((pid, f"{len(ids)} tokens, longer than the model's {n_pos} positions"))
-            continue
         if len(aa) != n or len(codes) != n:
             skipped.append((pid, f"token example has {len(aa)} residues / {len(codes)} tokens, index says {n}"))
             continue
@@ -233,6 +240,9 @@ class Evaluation:
         if len(self.ds) == 0:
             raise ValueError(f"{self.tokens}: the {cfg.split!r} split has no examples")
         self.units = split_units(self.ds, self.db, cfg.chunk_size, cfg.max_proteins)
+        n = len(self.ds) if cfg.max_proteins is None else min(len(self.ds), cfg.max_proteins)
+        check_lengths(self.ds.lengths[:n], read_json(self.ckpt / "config.json").get("max_position_embeddings"),
+                      f"{cfg.split} examples of {self.tokens}", self.vocab)
         self.fp = cfg.fingerprint(self.ckpt)
         self.fp_hash = hashlib.sha256(json.dumps(self.fp, sort_keys=True).encode()).hexdigest()
 

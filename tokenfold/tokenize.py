@@ -9,7 +9,9 @@ Length policy (``max_length`` residues, default 1024): ``crop`` (default) keeps 
 ``max_length`` residues whose start is drawn from a generator seeded by (seed, DB index), so every
 array task and every re-run picks the same window, and records it (``crop_start`` in the index);
 ``drop`` leaves the chain out. Both are counted in the report. The kind computes the window's codes
-(`tokenfold.token_kinds`).
+(`tokenfold.token_kinds`). ``max_length`` residues fix the longest example, in tokens
+(`Vocab.example_length`: 2L+4 plain, 2L+3 interleaved; 2,052 at the default): the manifest records it
+as ``max_example_tokens``, and stage 05's ``--max-len`` and model positions follow from it.
 
 Work is split over DB shards (SLURM arrays: `sharding.my_units`); a killed task resumes at the first
 DB shard without its marker, and the result equals an uninterrupted run (tested). A geo array task
@@ -56,7 +58,8 @@ class TokenizeConfig:
                              flag="--tokens", choices=KINDS)
     interleaved: bool = option(False, "interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>)")
     out: str | None = option(None, f"output directory (default {layout.TOKENS}/<kind>[_interleaved])")
-    max_length: int = option(1024, "max residues per example")
+    max_length: int = option(1024, "max residues per example; examples then hold at most 2L+4 tokens (2L+3 "
+                                   "interleaved), and stage 05's --max-len and model positions follow")
     long_policy: str = option("crop", "longer chains: crop = keep one seeded window of --max-length residues; "
                                       "drop = leave them out. Both are counted in report.json", choices=LONG_POLICIES)
     seed: int = option(0, "seed of crop windows and of the geo codebook fit")
@@ -267,7 +270,8 @@ def finalize(cfg: TokenizeConfig) -> dict:
           "vocab": "vocab.json", "vocab_sha256": sha256_file(out / "vocab.json"), "vocab_size": vocab.size,
           "n_struct": vocab.n_struct, "db": str(Path(cfg.db).resolve()),
           "db_manifest_sha256": sha256_file(Path(cfg.db) / "manifest.json"),
-          "max_length": cfg.max_length, "long_policy": cfg.long_policy, "seed": cfg.seed,
+          "max_length": cfg.max_length, "max_example_tokens": vocab.example_length(cfg.max_length),
+          "long_policy": cfg.long_policy, "seed": cfg.seed,
           "splits": splits, "token_dtype": "uint16"}
     write_json_atomic(out / "manifest.json", mf)
     log.info("stage 04 %s complete: %s", cfg.name,
