@@ -33,7 +33,7 @@ import torch
 
 from .batching import budget_batches
 from .cli import progress
-from .vocab import BOS, EOS, PAD, Vocab
+from .vocab import Vocab
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: 
     Ls = torch.tensor([len(s) for s in seqs], device=device)
     prompts = [vocab.prompt(s) for s in seqs]
     P = max(len(p) for p in prompts)
-    ids = torch.full((B, P), PAD, dtype=torch.long)
+    ids = torch.full((B, P), vocab.pad, dtype=torch.long)
     mask = torch.zeros((B, P), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding
         ids[i, P - len(p):] = torch.from_numpy(p)
@@ -189,24 +189,24 @@ def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: 
     full_mask = torch.cat([mask, torch.ones((B, n_steps), dtype=mask.dtype, device=device)], dim=1)
     logits = _forward(model, ids, cache, mask, pos)[:, -1]
     next_pos = pos[:, -1:] + 1
-    out = torch.full((B, n_steps), PAD, dtype=torch.long, device=device)
+    out = torch.full((B, n_steps), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     so, sz = vocab.struct_offset, vocab.size
     for t in range(n_steps):
         if constrained:
             tok = pick(logits[:, so:sz]) + so
-            tok = torch.where(t < Ls, tok, torch.full_like(tok, PAD))
+            tok = torch.where(t < Ls, tok, torch.full_like(tok, vocab.pad))
         else:
             tok = pick(logits[:, :sz])
-            tok = torch.where(ended | (t >= budget), torch.full_like(tok, PAD), tok)
-            ended |= tok == EOS
+            tok = torch.where(ended | (t >= budget), torch.full_like(tok, vocab.pad), tok)
+            ended |= tok == vocab.eos
         out[:, t] = tok
         if t == n_steps - 1 or (not constrained and bool((ended | (t + 1 >= budget)).all())):
             break
         logits = _forward(model, tok[:, None], cache, full_mask[:, :P + t + 1], next_pos)[:, -1]
         next_pos = next_pos + 1
     out = out.cpu().numpy()
-    return [_result(vocab, out[i][out[i] != PAD], len(s), constrained) for i, s in enumerate(seqs)]
+    return [_result(vocab, out[i][out[i] != vocab.pad], len(s), constrained) for i, s in enumerate(seqs)]
 
 
 @torch.inference_mode()
@@ -215,14 +215,15 @@ def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, 
     Ls = [len(s) for s in seqs]
     Lt = torch.tensor(Ls, device=device)
     n_slots = max(Ls) + (0 if constrained else 1)  # unconstrained also asks the model for the end slot
-    aa = torch.full((B, max(Ls) + 1), PAD, dtype=torch.long)
+    aa = torch.full((B, max(Ls) + 1), vocab.pad, dtype=torch.long)
     for i, s in enumerate(seqs):
         aa[i, :len(s)] = torch.from_numpy(vocab.aa_ids(s))
     aa = aa.to(device)
-    first = torch.stack([torch.full((B,), BOS, device=device), torch.full((B,), vocab.kind_id, device=device), aa[:, 0]], 1)
+    first = torch.stack([torch.full((B,), vocab.bos, device=device), torch.full((B,), vocab.kind_id, device=device),
+                         aa[:, 0]], 1)
     cache = _new_cache(model, 3 + 2 * n_slots + 1)
     logits = _forward(model, first, cache)[:, -1]
-    out = torch.full((B, n_slots), PAD, dtype=torch.long, device=device)
+    out = torch.full((B, n_slots), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     so, sz = vocab.struct_offset, vocab.size
     for t in range(n_slots):  # slot t < L: after a_{t+1}; slot L: after s_L (the end slot)
@@ -231,8 +232,8 @@ def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, 
             tok = pick(logits[:, so:sz]) + so
         else:
             tok = pick(logits[:, :sz])
-            ended |= live & (tok == EOS)
-        tok = torch.where(live, tok, torch.full_like(tok, PAD))
+            ended |= live & (tok == vocab.eos)
+        tok = torch.where(live, tok, torch.full_like(tok, vocab.pad))
         out[:, t] = tok
         if t == n_slots - 1 or not bool(((t + 1 < Lt) if constrained else ((t + 1 <= Lt) & ~ended)).any()):
             break
@@ -240,12 +241,12 @@ def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, 
         # attention mask, with which transformers' SDPA path copies every cached key/value to repeat
         # the grouped KV heads (measured ~3x slower on CPU at 64 rows)
         after_s = _forward(model, tok[:, None], cache)[:, -1]
-        after_a = _forward(model, aa[:, t + 1, None], cache)[:, -1]  # PAD past a row's end: ignored
+        after_a = _forward(model, aa[:, t + 1, None], cache)[:, -1]  # <pad> past a row's end: ignored
         # rows whose next slot is the end slot read the logits right after s_L, the others after a_{t+2}
         at_end = (t + 1 == Lt)[:, None]
         logits = torch.where(at_end, after_s, after_a)
     out = out.cpu().numpy()
-    return [_result(vocab, out[i][out[i] != PAD], Ls[i], constrained) for i in range(B)]
+    return [_result(vocab, out[i][out[i] != vocab.pad], Ls[i], constrained) for i in range(B)]
 
 
 def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Generation:
@@ -254,7 +255,7 @@ def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Genera
         codes = toks - vocab.struct_offset
         assert len(codes) == L and (codes >= 0).all() and (codes < vocab.n_struct).all()
         return Generation(codes=codes, valid=True, length_match=True)
-    stop = np.flatnonzero(toks == EOS)
+    stop = np.flatnonzero(toks == vocab.eos)
     body = toks[: stop[0]] if len(stop) else toks
     struct = vocab.is_struct(body)
     valid = bool(struct.all())

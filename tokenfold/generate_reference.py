@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .vocab import EOS, PAD, Vocab
+from .vocab import Vocab
 
 
 class LayoutConstraint:
@@ -28,7 +28,7 @@ class LayoutConstraint:
         allow = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         if v.interleaved:
             if n == 2 * self.L:
-                allow[EOS] = True
+                allow[v.eos] = True
             elif n % 2 == 0:
                 allow[int(self.aa[n // 2])] = True
             else:
@@ -36,7 +36,7 @@ class LayoutConstraint:
         elif n < self.L:
             allow[v.struct_offset:v.size] = True
         else:
-            allow[EOS] = True
+            allow[v.eos] = True
         return scores.masked_fill(~allow, float("-inf"))
 
 
@@ -50,6 +50,6 @@ def reference_generate(model, vocab: Vocab, seq: str) -> np.ndarray:
     prompt = torch.as_tensor(vocab.prompt(seq))[None].to(device)
     n_new = (2 * len(seq) if vocab.interleaved else len(seq)) + 1
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                         do_sample=False, num_beams=1, eos_token_id=EOS, pad_token_id=PAD,
+                         do_sample=False, num_beams=1, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
                          logits_processor=LogitsProcessorList([LayoutConstraint(vocab, seq, prompt.shape[1])]))
     return out[0].cpu().numpy()

@@ -15,7 +15,7 @@ import torch
 
 from .batching import budget_batches
 from .generate import default_batch_size
-from .vocab import EOS, PAD, Vocab
+from .vocab import Vocab
 
 
 @dataclass
@@ -41,7 +41,7 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
     try:
         for b in budget_batches([len(e) for e in examples], max_batch_tokens, max_rows=batch_size):
             T = max(len(examples[i]) for i in b)
-            ids = torch.full((len(b), T), PAD, dtype=torch.long)
+            ids = torch.full((len(b), T), vocab.pad, dtype=torch.long)
             att = torch.zeros((len(b), T), dtype=torch.long)
             for r, i in enumerate(b):
                 e = torch.as_tensor(np.asarray(examples[i], dtype=np.int64))
@@ -51,7 +51,7 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
             logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
             tgt = ids[:, 1:]
             valid = att[:, 1:].bool()
-            lmask = ((tgt >= so) & (tgt < sz) | (tgt == EOS)) & valid
+            lmask = ((tgt >= so) & (tgt < sz) | (tgt == vocab.eos)) & valid
             nll = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
             smask = (tgt >= so) & (tgt < sz) & valid
             arg = logits[..., so:sz].argmax(-1)

@@ -11,6 +11,11 @@ Example layouts (L residues, a_i amino acids, s_i structure tokens)::
     plain        <bos> a_1 .. a_L <sep> <kind> s_1 .. s_L <eos>
     interleaved  <bos> <kind> a_1 s_1 a_2 s_2 .. a_L s_L <eos>
 
+Inside a pretrained LLM (stage 05 --init-from) the same tokens are added to its tokenizer, in this
+order, after its own: every id above is shifted by ``id_offset`` (the LLM's vocabulary size), and the
+instance attributes ``pad``, ``bos``, ``sep``, ``eos``, ``kind_id``, ``aa_offset``, ``struct_offset`` and
+``size`` say where they are (`tokenfold.hf_vocab`). Stage-04 shards keep the ids above.
+
 The loss is taken only where the *target* is a structure token or <eos> (`loss_mask`), never on
 amino acids or the prompt. Generation prompts with everything up to the first structure token.
 An example of L residues has 2L+4 tokens (plain) or 2L+3 (interleaved): `example_length`, and its
@@ -54,14 +59,17 @@ class Vocab:
     struct_symbols: list[str]  # printable form of each structure token, code k -> struct_symbols[k]
     interleaved: bool = False
     meta: dict = field(default_factory=dict)
+    id_offset: int = 0         # > 0: the ids live inside a pretrained LLM's vocabulary (module docstring)
 
     def __post_init__(self):
         if self.kind not in KIND_MARKER:
             raise ValueError(f"unknown structure token kind {self.kind!r}; expected one of {sorted(KIND_MARKER)}")
-        self.aa_offset = len(SPECIALS)
+        o = self.id_offset
+        self.pad, self.bos, self.sep, self.eos = PAD + o, BOS + o, SEP + o, EOS + o
+        self.aa_offset = o + len(SPECIALS)
         self.struct_offset = self.aa_offset + len(AA_LETTERS)
         self.size = self.struct_offset + len(self.struct_symbols)
-        self.kind_id = KIND_MARKER[self.kind]
+        self.kind_id = KIND_MARKER[self.kind] + o
         self._aa_lut = AA_LUT + self.aa_offset
 
     # ---- construction / persistence
@@ -87,7 +95,8 @@ class Vocab:
         return {"format": "tokenfold-vocab", "version": 1, "kind": self.kind, "interleaved": self.interleaved,
                 "n_struct": self.n_struct, "struct_symbols": self.struct_symbols,
                 "aa_offset": self.aa_offset, "struct_offset": self.struct_offset, "size": self.size,
-                "specials": list(SPECIALS), "aa_letters": AA_LETTERS, "tokens": self.tokens, "meta": self.meta}
+                "specials": list(SPECIALS), "aa_letters": AA_LETTERS, "tokens": self.tokens, "meta": self.meta,
+                **({"id_offset": self.id_offset} if self.id_offset else {})}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
@@ -100,7 +109,8 @@ class Vocab:
         d = json.loads(path.read_text())
         if d.get("format") != "tokenfold-vocab":
             raise ValueError(f"{path}: not a tokenfold vocabulary")
-        v = cls(kind=d["kind"], struct_symbols=d["struct_symbols"], interleaved=d["interleaved"], meta=d.get("meta", {}))
+        v = cls(kind=d["kind"], struct_symbols=d["struct_symbols"], interleaved=d["interleaved"],
+                meta=d.get("meta", {}), id_offset=int(d.get("id_offset", 0)))
         if v.size != d["size"]:
             raise ValueError(f"{path}: size {d['size']} does not match its symbols ({v.size})")
         return v
@@ -138,8 +148,8 @@ class Vocab:
     def prompt(self, aa: str) -> np.ndarray:
         """Tokens before the first structure token (plain layout) / before a_1 (interleaved)."""
         if self.interleaved:
-            return np.array([BOS, self.kind_id], dtype=np.int64)
-        return np.concatenate([[BOS], self.aa_ids(aa), [SEP, self.kind_id]]).astype(np.int64)
+            return np.array([self.bos, self.kind_id], dtype=np.int64)
+        return np.concatenate([[self.bos], self.aa_ids(aa), [self.sep, self.kind_id]]).astype(np.int64)
 
     def encode(self, aa: str, codes) -> np.ndarray:
         """One training example as token ids (int64); len(codes) must equal len(aa)."""
@@ -149,7 +159,7 @@ class Vocab:
         body = self.struct_ids(codes)
         if self.interleaved:
             body = np.stack([self.aa_ids(aa), body], axis=1).reshape(-1)   # a_1 s_1 a_2 s_2 ...
-        return np.concatenate([self.prompt(aa), body, [EOS]]).astype(np.int64)
+        return np.concatenate([self.prompt(aa), body, [self.eos]]).astype(np.int64)
 
     def decode(self, ids) -> tuple[str, np.ndarray]:
         """Inverse of `encode`: (amino acids, structure codes)."""
@@ -162,7 +172,7 @@ class Vocab:
     def loss_mask(self, ids) -> np.ndarray:
         """bool, same shape as ids: True where the token is a training *target* (structure or <eos>)."""
         ids = np.asarray(ids)
-        return self.is_struct(ids) | (ids == EOS)
+        return self.is_struct(ids) | (ids == self.eos)
 
     def labels(self, ids) -> np.ndarray:
         """HF-style labels: the ids where `loss_mask`, IGNORE_INDEX elsewhere (HF shifts internally)."""
