@@ -7,43 +7,114 @@ global batch compute the same update (tests/test_distributed.py).
 
 Accuracy: teacher-forced structure-token accuracy, the argmax of the next-token distribution given
 the true prefix, counted on the structure-token targets only.
+
+`LossModel` is what training and validation call: the causal LM's decoder gives hidden states, and
+the LM head is applied only at the positions whose target is a loss target, in chunks of
+`chunk` rows (`chunked_stats`). With a 128k-token LLM vocabulary the full ``[tokens, vocabulary]``
+logits of a 16k-token micro-batch would take 8 GB in fp32; chunked, at most one chunk's logits
+exist at a time, and backward recomputes each chunk (`torch.utils.checkpoint`). The result equals
+`token_stats` over full logits to floating-point tolerance (tests/test_loss.py). The head is applied
+as the model's output module (so LoRA/trainable-token wrappers and FSDP see it used); models that
+post-process logits (``final_logit_softcapping``, ``logit_scale``) are refused.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .distributed import Dist
 from .vocab import IGNORE_INDEX, Vocab
 
+LOGIT_CHUNK_BYTES = 1 << 30   # default chunk: fp32 logits of one chunk under 1 GiB
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor, struct_offset: int):
-    """(summed cross-entropy over the loss targets, number of correctly predicted structure tokens).
 
-    `labels` are unshifted (HF convention): position t's logits predict labels[t + 1].
-    """
-    logits = logits[:, :-1, :].float()
-    tgt = labels[:, 1:].to(logits.device)
-    loss_sum = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+def _stats(logits: torch.Tensor, tgt: torch.Tensor, struct_offset: int):
+    """(summed cross-entropy, correct structure tokens) of logits [N, V] against targets [N]."""
+    logits = logits.float()
+    loss_sum = F.cross_entropy(logits, tgt, ignore_index=IGNORE_INDEX, reduction="sum")
     with torch.no_grad():
         correct = ((logits.argmax(-1) == tgt) & (tgt >= struct_offset)).sum()
     return loss_sum, correct
 
 
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, struct_offset: int):
+    """(summed cross-entropy over the loss targets, number of correctly predicted structure tokens).
+
+    `labels` are unshifted (HF convention): position t's logits predict labels[t + 1]."""
+    logits = logits[:, :-1, :]
+    tgt = labels[:, 1:].to(logits.device)
+    return _stats(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), struct_offset)
+
+
+def default_chunk(vocab_rows: int) -> int:
+    """Rows per chunk that keep one chunk's fp32 logits under LOGIT_CHUNK_BYTES."""
+    return max(1, LOGIT_CHUNK_BYTES // (4 * int(vocab_rows)))
+
+
+def _head_stats(h: torch.Tensor, tgt: torch.Tensor, head, struct_offset: int):
+    return _stats(head(h), tgt, struct_offset)
+
+
+def chunked_stats(hidden: torch.Tensor, head, labels: torch.Tensor, struct_offset: int, chunk: int):
+    """`token_stats` from the final hidden states [B, T, d] and the LM head module, computing logits only
+    at loss targets, `chunk` rows at a time. Several chunks are each recomputed in backward, so only
+    one chunk's logits are alive at any time."""
+    tgt = labels[:, 1:].to(hidden.device)
+    keep = tgt != IGNORE_INDEX
+    h, tgt = hidden[:, :-1][keep], tgt[keep]
+    n = h.shape[0]
+    if n <= chunk:
+        return _head_stats(h, tgt, head, struct_offset)
+    loss_sum = h.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=h.device)
+    for a in range(0, n, chunk):
+        if torch.is_grad_enabled():
+            l, c = checkpoint(_head_stats, h[a:a + chunk], tgt[a:a + chunk], head, struct_offset, use_reentrant=False)
+        else:
+            l, c = _head_stats(h[a:a + chunk], tgt[a:a + chunk], head, struct_offset)
+        loss_sum, correct = loss_sum + l, correct + c
+    return loss_sum, correct
+
+
+class LossModel(torch.nn.Module):
+    """A causal LM (plain transformers model or a peft model) whose forward returns
+    (summed loss, correct structure tokens) of a batch: what DDP / FSDP wrap and the step calls."""
+
+    def __init__(self, lm, chunk: int | None = None):
+        super().__init__()
+        self.lm = lm
+        base = self.causal_lm
+        self.chunk = chunk or default_chunk(base.config.vocab_size)
+        for key in ("final_logit_softcapping", "logit_scale"):
+            if getattr(base.config, key, None):
+                raise ValueError(f"{type(base).__name__} post-processes its logits ({key}); the chunked loss of "
+                                 "tokenfold/loss.py applies the LM head alone and does not support it")
+
+    @property
+    def causal_lm(self):
+        """The transformers model (inside a peft wrapper when there is one)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    def forward(self, input_ids, labels, struct_offset: int, position_ids=None):
+        base = self.causal_lm
+        hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        return chunked_stats(hidden, base.get_output_embeddings(), labels, struct_offset, self.chunk)
+
+
 @torch.no_grad()
-def evaluate(model, batches, vocab: Vocab, dist: Dist, autocast) -> dict:
+def evaluate(loss_model, batches, vocab: Vocab, dist: Dist, autocast) -> dict:
     """Validation loss (per loss target) and teacher-forced structure-token accuracy, over all ranks."""
-    was_training = model.training
-    model.eval()
+    was_training = loss_model.training
+    loss_model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss, n_loss, correct, n_struct
     for b in batches:
         with autocast():
-            logits = model(**b.model_inputs(dist.device), use_cache=False).logits
-        loss_sum, correct = token_stats(logits, b.labels, vocab.struct_offset)
+            loss_sum, correct = loss_model(**b.model_inputs(dist.device), labels=b.labels,
+                                           struct_offset=vocab.struct_offset)
         sums += torch.tensor([loss_sum.item(), b.n_loss, correct.item(), b.n_struct], dtype=torch.float64,
                              device=dist.device)
     dist.all_reduce_sum(sums)
-    model.train(was_training)
+    loss_model.train(was_training)
     loss, n_loss, correct, n_struct = sums.tolist()
     return {"loss": loss / max(n_loss, 1), "acc": correct / max(n_struct, 1), "n_struct": int(n_struct)}
