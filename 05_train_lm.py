@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> TrainConfig:
-    return options_from_args(TrainConfig, a, out=a.out or str(default_out(a.tokens, a.preset)),
+    return options_from_args(TrainConfig, a, out=a.out or str(default_out(a.tokens, a.preset, a.init_from)),
                              model_overrides=parse_overrides(a.overrides))
 
 

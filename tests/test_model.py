@@ -31,10 +31,16 @@ def test_presets_have_the_published_shapes():
     assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (16, 8, 64, True)
     assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0 and rope["rope_theta"] == 500000.0
     assert rope["original_max_position_embeddings"] == 8192
+    l8 = _meta_model("llama3.1-8b", v, vocab_size=128256)
+    assert count_params(l8) == 8_030_261_248
+    c = l8.config
+    rope = c.rope_parameters if hasattr(c, "rope_parameters") else {**c.rope_scaling, "rope_theta": c.rope_theta}
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (32, 8, 128, False)
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0 and rope["rope_theta"] == 500000.0
     # ours: sized to the vocabulary
     assert 1e6 < count_params(_meta_model("tiny", v)) < 1e7
     assert 5e7 <= count_params(_meta_model("small", v)) <= 1e8
-    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b"}
+    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b", "llama3.1-8b"}
 
 
 def test_overrides_and_flops():

@@ -214,7 +214,7 @@ class Evaluation:
 
     def __init__(self, cfg: EvalConfig):
         from .db import ProteinDB
-        from .shards import TokenDataset
+        from .hf_vocab import token_dataset
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -230,13 +230,14 @@ class Evaluation:
         self.tokens = Path(cfg.tokens)
         if not (self.tokens / "vocab.json").exists():
             raise FileNotFoundError(f"{self.tokens}: no token shards (vocab.json missing); pass --tokens")
-        check_same_vocab(self.vocab, Vocab.load(self.tokens / "vocab.json"), str(self.tokens))
+        self.token_vocab = Vocab.load(self.tokens / "vocab.json")   # the shards' ids (the model's may be offset)
+        check_same_vocab(self.vocab, self.token_vocab, str(self.tokens))
         if cfg.db is None:
             mf = self.tokens / "manifest.json"
             named = read_json(mf).get("db") if mf.exists() else None
             cfg.db = named if named and Path(named).exists() else str(layout.DB)
         self.db = ProteinDB(cfg.db)
-        self.ds = TokenDataset(self.tokens, cfg.split)
+        self.ds = token_dataset(self.tokens, cfg.split, self.vocab)   # in the model's ids (tokenfold/hf_vocab.py)
         if len(self.ds) == 0:
             raise ValueError(f"{self.tokens}: the {cfg.split!r} split has no examples")
         self.units = split_units(self.ds, self.db, cfg.chunk_size, cfg.max_proteins)
@@ -284,7 +285,8 @@ class Evaluation:
         v = self.vocab
         try:
             seed = self.cfg.decoding.seed
-            return Baselines.fit(train_examples(self.tokens, v, seed=seed), v.n_struct, windowed=windowed,
+            train = train_examples(self.tokens, self.token_vocab, seed=seed)   # the shards' own ids
+            return Baselines.fit(train, v.n_struct, windowed=windowed,
                                  max_residues=self.cfg.baseline_max_residues, seed=seed)
         except ValueError as e:
             log.warning("no baselines: %s (%s has no train examples)", e, self.tokens)
