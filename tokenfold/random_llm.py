@@ -13,7 +13,9 @@ generation_config.json, tokenizer.json, tokenizer_config.json)::
 The tokenizer is trained on seeded random protein sequences and a little English, so its BPE merges
 amino acids ("MKV" becomes fewer tokens than residues): the failure that added tokens avoid.
 config.json carries ``"tokenfold_random_weights": true`` and the directory name says RANDOM; stage 05
-logs a warning and records ``random_weights`` in run_config.json for such a model.
+logs a warning and records ``random_weights`` in run_config.json for such a model. ``--shape PRESET``
+(tokenfold/model.py, e.g. llama3.2-1b) and ``--rows N`` give a llama model of a real size instead
+(bench/bench_big.py: speed does not depend on the weights).
 
     python -m tokenfold.random_llm --arch llama --out data/models/llama_RANDOM_seed0
 """
@@ -47,21 +49,30 @@ def _bpe(specials: list[str], seed: int, vocab_size: int = 384):
     return tok
 
 
-def write_random_llm(out: str | Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Write a tiny RANDOM model + tokenizer of style `arch` to `out` (see the module docstring)."""
+def write_random_llm(out: str | Path, arch: str = "llama", seed: int = 0, shape: str | None = None,
+                     rows: int | None = None) -> Path:
+    """Write a RANDOM model + tokenizer of style `arch` to `out` (see the module docstring): tiny, or a
+    llama of preset `shape` with `rows` embedding rows (default: the tokenizer's length)."""
     import torch
     from transformers import (LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config,
                               Qwen2ForCausalLM)
 
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {ARCHS}")
+    if shape and arch != "llama":
+        raise ValueError("--shape is a llama preset: use --arch llama")
     out = Path(out)
     if arch == "llama":
         specials = ["<|begin_of_text|>", "<|end_of_text|>"]
         tok = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, seed), bos_token=specials[0],
                                       eos_token=specials[1])
-        cfg = LlamaConfig(**SHAPE, vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
-                          rope_theta=500000.0)
+        if shape:
+            from .model import PRESETS
+
+            kw = {k: v for k, v in PRESETS[shape].items() if v is not None}
+        else:
+            kw = dict(SHAPE, tie_word_embeddings=False, rope_theta=500000.0)
+        cfg = LlamaConfig(**kw, vocab_size=max(rows or 0, len(tok)), bos_token_id=0, eos_token_id=1)
         cls = LlamaForCausalLM
     else:
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -83,8 +94,10 @@ def main(argv=None) -> int:
     p.add_argument("--arch", choices=ARCHS, default="llama", help="model family to imitate (default: llama)")
     p.add_argument("--out", required=True, help="directory to write (config, weights, tokenizer files)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the tokenizer corpus")
+    p.add_argument("--shape", help="a llama preset of tokenfold/model.py instead of the tiny shape")
+    p.add_argument("--rows", type=int, help="embedding rows (default: the tokenizer's length)")
     a = p.parse_args(argv)
-    print(write_random_llm(a.out, a.arch, a.seed), "(RANDOM WEIGHTS: for tests only)")
+    print(write_random_llm(a.out, a.arch, a.seed, a.shape, a.rows), "(RANDOM WEIGHTS: for tests only)")
     return 0
 
 

@@ -36,7 +36,8 @@ class TrainConfig:
     out: str = option(str(layout.RUNS / "3di_tiny"),
                       f"run directory (default: {layout.RUNS}/<tokens name>_<preset>, e.g. {layout.RUNS}/3di_tiny)",
                       group=IO)
-    preset: str = option("tiny", "architecture", group=MODEL, choices=sorted(PRESETS))
+    preset: str = option("tiny", "architecture of a model trained from scratch (not used with --init-from)", group=MODEL,
+                         choices=sorted(PRESETS))
     model_overrides: dict = option(help="LlamaConfig fields over the preset's", default_factory=dict,
                                    cli=False)   # --set KEY=VALUE in 05_train_lm.py
     attn: str = option("auto", "auto (flash_attention_2 on GPU when installed, else sdpa) | sdpa | "
