@@ -22,9 +22,9 @@ COMMON = dict(max_steps=6, lr=5e-3, max_tokens=700, eval_every=3, save_every=0, 
               eval_max_examples=None, device="cpu")
 
 
-def _tokens(tmp_path):
+def _tokens(tmp_path, n_val=4):
     chains = foldseek_chains(30, 100)
-    return write_threedi_tokens(tmp_path / "tok", {"train": chains[:16], "val": chains[16:20]})
+    return write_threedi_tokens(tmp_path / "tok", {"train": chains[:16], "val": chains[16:16 + n_val]})
 
 
 def test_fsdp_sharded_checkpoints_resume_exactly(tmp_path):
@@ -71,8 +71,9 @@ def _launch(tmp_path, name, args, srun: bool):
 def test_fsdp_lora_two_processes_equal_one_process_and_resume_on_one(tmp_path, random_llm):
     """The 8B recipe's path at toy size: --init-from + LoRA + FSDP2 on 2 gloo processes (srun-style ranks),
     1 micro-batch each, stopped at step 4; resumed by ONE process (2 micro-batches: the same global
-    batch), which reads the 2 ranks' shards. Every loss equals one process training alone throughout."""
-    tok = _tokens(tmp_path)
+    batch), which reads the 2 ranks' shards. Every loss equals one process training alone throughout.
+    One validation example: rank 1 has no validation batch, and its FSDP forwards must still match rank 0's."""
+    tok = _tokens(tmp_path, n_val=1)
     llm = random_llm("llama")
     lora = dict(init_from=str(llm), lora_rank=4, lora_dropout=0.0)
     one = train(TrainConfig(tokens=str(tok), out=str(tmp_path / "one"), grad_accum=2, **lora, **COMMON))

@@ -103,17 +103,28 @@ class LossModel(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(loss_model, batches, vocab: Vocab, dist: Dist, autocast) -> dict:
-    """Validation loss (per loss target) and teacher-forced structure-token accuracy, over all ranks."""
+def evaluate(loss_model, batches, vocab: Vocab, dist: Dist, autocast, lockstep: bool = False) -> dict:
+    """Validation loss (per loss target) and teacher-forced structure-token accuracy, over all ranks.
+    `lockstep` (FSDP: every forward is collective): every rank runs as many forwards as the rank with
+    the most batches; the extra ones read one token without targets and count nothing."""
     was_training = loss_model.training
     loss_model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=dist.device)  # loss, n_loss, correct, n_struct
-    for b in batches:
+    n = len(batches)
+    if lockstep and dist.enabled:
+        most = torch.tensor([n], device=dist.device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        n = int(most.item())
+    for i in range(n):
+        b = batches[i] if i < len(batches) else None
+        ids = b.model_inputs(dist.device) if b is not None else {
+            "input_ids": torch.full((1, 1), vocab.bos, dtype=torch.long, device=dist.device)}
+        labels = b.labels if b is not None else torch.full((1, 1), IGNORE_INDEX, dtype=torch.long)
         with autocast():
-            loss_sum, correct = loss_model(**b.model_inputs(dist.device), labels=b.labels,
-                                           struct_offset=vocab.struct_offset)
-        sums += torch.tensor([loss_sum.item(), b.n_loss, correct.item(), b.n_struct], dtype=torch.float64,
-                             device=dist.device)
+            loss_sum, correct = loss_model(**ids, labels=labels, struct_offset=vocab.struct_offset)
+        if b is not None:
+            sums += torch.tensor([loss_sum.item(), b.n_loss, correct.item(), b.n_struct], dtype=torch.float64,
+                                 device=dist.device)
     dist.all_reduce_sum(sums)
     loss_model.train(was_training)
     loss, n_loss, correct, n_struct = sums.tolist()

@@ -10,12 +10,11 @@ section stage 05). This module is the loop only; its parts:
     tokenfold/optim.py          AdamW, warmup + cosine schedule, the autocast precision
     tokenfold/stop.py           SIGTERM / SIGUSR1 and the exit statuses 0 / 124 / 1
     tokenfold/train_log.py      metrics.jsonl, curves.png
-    tokenfold/checkpoint.py     checkpoints; tokenfold/distributed.py: DDP
-    tokenfold/model_setup.py    the model of each variant (preset, --init-from, --lora-rank) and its
-                                wrappers (LossModel, FSDP2 / DDP); hf_vocab.py, lora.py, fsdp.py,
-                                memory_plan.py (printed before training; refuses what cannot fit)
+    tokenfold/checkpoint.py     checkpoints; tokenfold/distributed.py: process groups
+    tokenfold/model_setup.py    the model (preset, --init-from, --lora-rank) in LossModel, FSDP2 or DDP
+    tokenfold/memory_plan.py    bytes per GPU, printed before training; refuses what cannot fit
 
-A step runs forward/backward over this rank's micro-batches (gradient accumulation; DDP all-reduces
+A step runs forward/backward over this rank's micro-batches (gradient accumulation; DDP/FSDP reduce
 the gradients on the last one), clips the gradient norm, and steps the optimizer and the schedule.
 Validation every ``eval_every`` steps, and at the start and the end.
 
@@ -223,7 +222,8 @@ class Trainer:
         if self.val_ds is None or len(self.val_ds) == 0:
             return None
         t0 = time.time()
-        res = evaluate(self.loss_model, self.val_batches, self.vocab, self.dist, self.autocast)
+        res = evaluate(self.loss_model, self.val_batches, self.vocab, self.dist, self.autocast,
+                       lockstep=self.cfg.fsdp)   # FSDP forwards are collective: ranks may hold unequal shares
         self.last_val = {"split": "val", "step": self.step, **res}
         self.train_log.write(self.last_val)
         log.info("step %d val: loss %.4f, structure-token accuracy %.4f (%d tokens, %.1fs)", self.step,
@@ -358,14 +358,10 @@ class Trainer:
         validated = self.validate() is not None   # validate() also redraws the curves
         if self.saved_step != self.step:
             self.save("final")
-        if self.main:
-            last = ckpt.step_dir(self.run_dir, self.step)
-            if self.ckpt_kind == "hf":
-                ckpt.publish(last, self.final_dir)
-            else:   # adapters merged / shards gathered into a plain checkpoint
-                from .export import to_plain
+        if self.main:   # plain checkpoints hard-linked; LoRA merged, shards gathered (tokenfold/export.py)
+            from .export import to_plain
 
-                to_plain(last, self.final_dir)
+            to_plain(ckpt.step_dir(self.run_dir, self.step), self.final_dir)
             if not validated:
                 self.train_log.plot()
             self.write_report(wall, tok_start)
