@@ -63,6 +63,12 @@ def test_lora_learns_and_changes_only_adapters_and_new_rows(lora_run):
             assert not torch.equal(w, before[k]), k                                     # W + (alpha/r) B A
         else:
             assert torch.equal(w, before[k]), k                                         # norms: frozen
+    # the snippet hf_vocab.py documents (plain transformers on a checkpoint) runs as written
+    doc = hf_vocab.__doc__
+    snippet = "\n".join(line[4:] for line in doc[doc.index("    from transformers"):].splitlines() if line.strip())
+    ns = {"ckpt": str(root / "ref" / "final")}
+    exec(snippet.replace("print(", "text = ("), ns)
+    assert ns["ids"].tolist()[0] == list(v.prompt(ns["seq"])) and ns["text"].startswith("<")
 
 
 def test_lora_resume_is_exact_and_the_export_cli_gives_final(lora_run, tmp_path):
