@@ -15,8 +15,10 @@ trained on:
 
 Work is split into units = (DB shard, chunk of ``--chunk-size`` examples): a SLURM array task takes
 the DB shards `sharding.my_units` gives it and writes one work part per chunk (atomically), so a
-killed run resumes at the first missing part. `tokenfold.eval_report.finalize` merges the parts into
-the report. Files: see data/README.md, section stage 06.
+killed run resumes at the first missing part. A task reads each of its DB shards once, for all of
+that shard's chunks (`Evaluation.unit_rows`), and the proteins' ids and DB positions from the token
+index one shard at a time. `tokenfold.eval_report.finalize` merges the parts into the report,
+streaming them. Files: see data/README.md, section stage 06.
 """
 from __future__ import annotations
 
