@@ -240,7 +240,7 @@ class StepJob(NamedTuple):
 
 class StepReader:
     """Reads and collates the micro-batches of a `StepJob` (in the training process, or in DataLoader
-    worker processes): tokens from the memmapped shards, the batch layout, the seeded input noise."""
+    worker processes): tokens from the shards, the batch layout, the seeded input noise."""
 
     def __init__(self, ds: TokenDataset, vocab: Vocab, layout: str, max_len: int, index: np.ndarray | None,
                  seed: int, input_noise: float):

@@ -1,4 +1,4 @@
-"""Token shards: flat uint16 token files plus an offset index per shard, memmapped (nanoGPT-style).
+"""Token shards: flat uint16 token files plus an offset index per shard (nanoGPT-style).
 
 Where the files sit: see data/README.md, section stage 04. One shard::
 
@@ -12,6 +12,10 @@ Where the files sit: see data/README.md, section stage 04. One shard::
 The ``.bin`` is written first and the ``.idx.npz`` last, both atomically, so an index file that
 exists always describes a complete shard. `TokenDataset` reads the shards a split's entry of the
 finalize manifest lists, or before finalize the complete shards it finds (by their index files).
+It reads an example's tokens with one ``pread`` rather than through a memory map: pages of a mapped
+file count in the resident memory of every rank that touched them, and over an epoch of a 66.7M-entry
+set that would be the whole token set per rank (what SLURM's memory accounting sees); read, they stay
+in the shared page cache only.
 """
 from __future__ import annotations
 
@@ -69,14 +73,15 @@ class TokenShardWriter:
 
 
 class TokenDataset:
-    """All examples of one split, across shards, memmapped. `ds[i]` -> uint16 token array.
+    """All examples of one split, across shards. `ds[i]` -> uint16 token array (read-only).
 
     Memory (what every training rank holds): the global token offsets, 8 bytes per example, plus a few
     numbers per shard. The per-example index columns are read only where they are needed: `meta(i)`
     and `shard_columns(k)` read one shard's (the last one read is kept), the properties `ids`,
     `db_index`, `crop_start`, `n_res` every shard's (on first use, then kept). A shard's ``.bin`` is
-    memmapped on first access. Pickling (DataLoader workers started with spawn) drops the memmaps
-    and the cached columns; they are reopened / reread on demand.
+    opened on first access and read with ``os.pread`` (module docstring). Pickling (DataLoader workers
+    started with spawn) drops the open files and the cached columns; they are reopened / reread on
+    demand. Forked workers share the open files: ``pread`` has no file position to disturb.
     """
 
     COLUMNS = ("ids", "db_index", "crop_start", "n_res")
@@ -107,7 +112,7 @@ class TokenDataset:
             tok_base[k + 1] = tok_base[k] + int(o[-1])
         self.starts[-1] = tok_base[-1]
         self._tok_base = tok_base
-        self._bins: list = [None] * len(self.stems)
+        self._fds: list = [None] * len(self.stems)
         self._columns: dict[str, np.ndarray] = {}
         self._shard_cache: tuple[int, dict] | None = None
 
@@ -116,8 +121,21 @@ class TokenDataset:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(_bins=[None] * len(self.stems), _columns={}, _shard_cache=None)
+        state.update(_fds=[None] * len(self.stems), _columns={}, _shard_cache=None)
         return state
+
+    def close(self) -> None:
+        """Close the shard files opened so far (reading again reopens them)."""
+        for k, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[k] = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):
+            pass
 
     def __len__(self) -> int:
         return len(self.starts) - 1
@@ -135,13 +153,6 @@ class TokenDataset:
         """The shard (position in `stems`) example i lives in."""
         return int(np.searchsorted(self.shard_starts, i, side="right")) - 1
 
-    def _bin(self, k: int) -> np.ndarray:
-        if self._bins[k] is None:
-            n_tok = int(self._tok_base[k + 1] - self._tok_base[k])
-            self._bins[k] = (np.memmap(self.root / f"{self.stems[k]}.bin", dtype=TOKEN_DTYPE, mode="r", shape=(n_tok,))
-                             if n_tok else np.zeros(0, TOKEN_DTYPE))
-        return self._bins[k]
-
     def __getitem__(self, i: int) -> np.ndarray:
         i = int(i)
         if i < 0:
@@ -149,9 +160,16 @@ class TokenDataset:
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} of {len(self)}")
         k = self.shard_of(i)
-        a = int(self.starts[i] - self._tok_base[k])
-        b = int(self.starts[i + 1] - self._tok_base[k])
-        return np.asarray(self._bin(k)[a:b])
+        n = int(self.starts[i + 1] - self.starts[i])
+        if n == 0:
+            return np.zeros(0, TOKEN_DTYPE)
+        if self._fds[k] is None:
+            self._fds[k] = os.open(self.root / f"{self.stems[k]}.bin", os.O_RDONLY)
+        size = np.dtype(TOKEN_DTYPE).itemsize
+        data = os.pread(self._fds[k], n * size, int(self.starts[i] - self._tok_base[k]) * size)
+        if len(data) != n * size:
+            raise ValueError(f"{self.root / self.stems[k]}.bin: shorter than its index says (truncated file?)")
+        return np.frombuffer(data, dtype=TOKEN_DTYPE)
 
     # ---- the index columns (ids, db_index, crop_start, n_res), read on demand
     def shard_columns(self, k: int) -> dict[str, np.ndarray]:
