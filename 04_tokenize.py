@@ -3,11 +3,13 @@
 
 Inputs : --db (stage-01 protein DB); esm kind: --codebook (stage 03) and --embeddings (stage 02);
          geo kind: the geo codebook --geo-codebook (fit on TRAIN chains); kanzi kind:
-         --kanzi-checkpoint (Kanzi weights, plus the kanzi package).
+         --kanzi-checkpoint (Kanzi weights, plus the kanzi package; chains of at most 255 residues).
 Outputs: --out (default data/tokens/<kind>[_interleaved]/): vocab.json, <split>/shard_*.bin + .idx.npz,
          work/ (per-DB-shard markers, statistics, rejects), report.json, token_frequency.png,
          lengths.png (geo: geo_rmsd_hist.png, geo_rmsd_vs_length.png), rejects.tsv, and manifest.json
-         last. geo kind: --geo-codebook (default data/geo/geo_codebook_K<K>.npz). Files: data/README.md.
+         last. geo kind: --geo-codebook (default data/geo/geo_codebook_K<K>.npz). kanzi kind with
+         --random-weights-for-testing and no checkpoint: data/models/kanzi_tiny_RANDOM_seed<seed>.pt (tests
+         and demos only, labelled RANDOM WEIGHTS in every output). Files: data/README.md.
 
 SLURM: run as an array (each task takes DB shards round-robin), then once with --finalize. For the
 geo kind, first fit the codebook in its own step:  04_tokenize.py --tokens geo --fit-geo-codebook

@@ -23,10 +23,12 @@ wall time and CPU seconds are printed (a busy shared machine inflates wall time)
     python bench/bench_esm.py                         # t6 and t12 shapes, 20000 residues, CPU
     python bench/bench_esm.py --shapes t6 --max-residues 5000
     python bench/bench_esm.py --device cuda --max-residues 500000        (GPU numbers)
+    python bench/bench_esm.py --shapes t33 --fasta seqs.fasta --json esm.json   (bench/gpu_check.sh)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
@@ -60,12 +62,13 @@ def _cpu() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def load_sequences(max_residues: int) -> tuple[list[tuple[str, str]], str]:
-    """(id, sequence) of real chains, <= 1022 residues each, up to max_residues in total."""
+def load_sequences(max_residues: int, fasta: str | None = None) -> tuple[list[tuple[str, str]], str]:
+    """(id, sequence) of real chains, <= 1022 residues each, up to max_residues in total, from `fasta`, else
+    ../shared's Foldseek dump, else the embedded default dataset."""
     pairs, source = [], ""
-    if SHARED_FASTA.exists():
-        source = str(SHARED_FASTA)
-        pairs = read_fasta(SHARED_FASTA)
+    if fasta or SHARED_FASTA.exists():
+        source = str(fasta or SHARED_FASTA)
+        pairs = read_fasta(source)
     else:
         from tokenfold.db_plan import embedded_default_inputs
         from tokenfold.structure import parse_structure_file
@@ -132,19 +135,22 @@ def ours_extract(ckpt: Path, seqs: list[tuple[str, str]], work: Path, device: st
     return {"residues": sum(len(s) for _, s in seqs), "wall": time.perf_counter() - t0, "cpu": _cpu() - c0}
 
 
-def main() -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["t6", "t12"], choices=list(SHAPES))
     ap.add_argument("--max-residues", type=int, default=20000)
+    ap.add_argument("--fasta", default=None, help="sequences (default: ../shared's Foldseek dump, else the embedded "
+                                                  "default dataset)")
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--device", default="auto", help="auto (a GPU when visible, else the CPU), cpu, cuda")
     ap.add_argument("--toks-per-batch", type=int, default=None, help="ours (default: stage 02's default)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for both (default: torch's)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     args.device = pick_device(args.device).type    # the reference loop knows "cuda" or "cpu"
-    seqs, source = load_sequences(args.max_residues)
+    seqs, source = load_sequences(args.max_residues, args.fasta)
     n_res = sum(len(s) for _, s in seqs)
     lens = np.array([len(s) for _, s in seqs])
     print(f"sequences: {len(seqs)} real chains, {n_res} residues (length median {int(np.median(lens))}, "
@@ -152,6 +158,8 @@ def main() -> None:
     print(f"device: {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     work = Path(tempfile.mkdtemp(prefix="bench_esm_"))
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    res = {"device": dev, "n_sequences": len(seqs), "n_residues": n_res, "source": source, "shapes": {}}
     try:
         fasta = work / "seqs.fasta"
         fasta.write_text("".join(f">{n}\n{s}\n" for n, s in seqs))
@@ -170,9 +178,15 @@ def main() -> None:
                   f"CPU {ours['cpu']:.1f} s)")
             print(f"  ratio ours/reference: {r_ours / r_ref:.2f}x wall, "
                   f"{(n_res / ours['cpu']) / (n_res / ref['cpu']):.2f}x per CPU second  (target >= 2x)")
+            res["shapes"][shape] = {"model": f"{name} (RANDOM weights, real shape)", "layer": layer,
+                                    "reference_extract_py": {"residues_per_s": r_ref, **ref},
+                                    "ours": {"residues_per_s": r_ours, **ours}, "speedup": r_ours / r_ref}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

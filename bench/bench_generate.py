@@ -42,13 +42,15 @@ from tokenfold.vocab import AA_LETTERS, Vocab  # noqa: E402
 SHARED_FASTA = ROOT.parent / "shared" / "data" / "foldseek_db" / "shared_aa.fasta"
 
 
-def load_sequences(n: int, lo: int, hi: int, seed: int) -> tuple[list[str], str]:
+def load_sequences(n: int, lo: int, hi: int, seed: int, fasta: str | None = None) -> tuple[list[str], str]:
+    """A seeded sample of n real sequences of lo..hi residues: from `fasta`, else ../shared's Foldseek
+    dump, else the embedded default dataset."""
     seqs, source = [], ""
-    if SHARED_FASTA.exists():
+    if fasta or SHARED_FASTA.exists():
         from tokenfold.fasta import read_fasta
 
-        seqs = [s for _, s in read_fasta(SHARED_FASTA)]
-        source = str(SHARED_FASTA)
+        source = str(fasta or SHARED_FASTA)
+        seqs = [s for _, s in read_fasta(source)]
     else:
         from tokenfold.db_plan import embedded_default_inputs
         from tokenfold.structure import parse_structure_file
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     p.add_argument("--kind", default="3di", choices=["3di", "geo"], help="vocabulary of the random model")
     p.add_argument("--interleaved", action="store_true", help="interleaved layout (random model only)")
     p.add_argument("--n", type=int, default=64, help="proteins (default 64)")
+    p.add_argument("--fasta", default=None, help="sequences (default: ../shared's Foldseek dump, else the embedded "
+                                                 "default dataset)")
     p.add_argument("--min-length", type=int, default=50)
     p.add_argument("--max-length", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=None, help="default: 64 on GPU, 16 on CPU")
@@ -99,7 +103,7 @@ def main(argv=None) -> int:
         model = build_model(build_config(a.preset, vocab), pick_attention(device), seed=a.seed).to(device, dtype).eval()
         what = f"RANDOMLY INITIALISED '{a.preset}' preset (speed only)"
     set_cpu_threads(model, a.threads)
-    seqs, source = load_sequences(a.n, a.min_length, a.max_length, a.seed)
+    seqs, source = load_sequences(a.n, a.min_length, a.max_length, a.seed, a.fasta)
     n_res = sum(len(s) for s in seqs)
     print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {vocab.kind} "
           f"{'interleaved' if vocab.interleaved else 'plain'}; device {device} ({dtype}); torch threads "

@@ -157,7 +157,6 @@ def read_eval_main(a) -> None:
 
     t0 = time.time()
     ev = Evaluation(EvalConfig(checkpoint=a.checkpoint, out=a.out, tokens=a.tokens, db=a.db))
-    n_pos = int(json.loads((ev.ckpt / "config.json").read_text()).get("max_position_embeddings", 1 << 30))
     todo = ev.todo_units()
     t1 = time.time()
     rows = skipped = 0
@@ -168,7 +167,7 @@ def read_eval_main(a) -> None:
     load = time.time() - t1
     shards = len({k for k, _, _ in todo})
     t2 = time.time()
-    for _, _, r, s in ev.unit_rows(todo, n_pos):
+    for _, _, r, s in ev.unit_rows(todo):
         rows, skipped = rows + len(r), skipped + len(s)
     read = time.time() - t2
     Path(a.result).write_text(json.dumps({

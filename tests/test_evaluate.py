@@ -134,7 +134,7 @@ def test_each_db_shard_is_read_once_per_task(geo_setup, small_db, tmp_path, monk
     shards = {k for k, _, _ in todo}
     loads, arrays = [], DBShard.arrays.fget
     monkeypatch.setattr(DBShard, "arrays", property(lambda sh: (sh._a is None and loads.append(sh.path), arrays(sh))[1]))
-    got = [(k, len(rows), skipped) for k, _, rows, skipped in ev.unit_rows(todo, 10**6)]
+    got = [(k, len(rows), skipped) for k, _, rows, skipped in ev.unit_rows(todo)]
     assert len(todo) > 2 * len(shards) and sorted(loads) == sorted(ev.db.shards[k].path for k in shards)
     assert all(ev.db.shards[k]._a is None for k in shards)                        # released after the last unit
     assert sum(n for _, n, _ in got) == len(ev.ds) and not any(s for _, _, s in got)

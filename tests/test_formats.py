@@ -63,6 +63,16 @@ def test_vocab_encode_decode_and_loss_mask(tmp_path, interleaved):
     assert w.to_dict() == v.to_dict()
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_example_length_rule(interleaved):
+    """The one length rule: 2L+4 tokens (plain), 2L+3 (interleaved), and its inverse."""
+    v = Vocab.for_kind("3di", interleaved=interleaved)
+    for L in (1, 7, 1024):
+        assert v.example_length(L) == len(v.encode("A" * L, np.zeros(L, int))) == 2 * L + 4 - interleaved
+        assert v.max_residues(v.example_length(L)) == L and v.max_residues(v.example_length(L) - 1) == L - 1
+    assert v.example_length(1024) == 2052 - interleaved and v.max_residues(2048) == 1022
+
+
 def test_3di_vocab():
     v = Vocab.for_kind("3di")
     codes = v.threedi_codes("DVPL")

@@ -194,6 +194,8 @@ def test_cli_default_run_on_embedded_dataset(tmp_path):
     assert len(db) >= 50 and all(len(db.indices(s)) for s in ("train", "val", "test"))
     rep = json.loads((out / "report.json").read_text())
     assert rep["split"]["method"] == "mmseqs" and "easy-cluster" in rep["split"]["detail"]
+    tool = json.loads((out / "manifest.json").read_text())["split"]["mmseqs"]   # which binary clustered
+    assert tool == rep["split"]["mmseqs"] and Path(tool["path"]).name == "mmseqs" and tool["version"]
     assert (out / "report.png").stat().st_size > 10_000
     r = db[0]
     assert len(r.ss) == len(r.aa) == len(r.ca) and r.split in ("train", "val", "test")

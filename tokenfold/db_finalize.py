@@ -151,7 +151,8 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
                    "structure_dirs": sorted({str(Path(f).parent) for f in plan.structure_files})[:50],
                    "foldseek": plan.foldseek, "fasta": plan.fasta},
         "options": plan.options,
-        "split": {"method": clus.method, "detail": clus.detail, "fractions": list(split_opts.fractions),
+        "split": {"method": clus.method, "detail": clus.detail, "mmseqs": clus.tool,
+                  "fractions": list(split_opts.fractions),
                   "min_seq_id": split_opts.min_seq_id, "coverage": split_opts.coverage, "seed": split_opts.seed},
         "files": {"split": "split.npy", "cluster": "cluster.npy", "rejects": "rejects.tsv", "notes": "notes.tsv",
                   "report": "report.json"},
@@ -191,7 +192,7 @@ def _final_report(plan, reports, lengths, codes, cluster, clus, split_opts, n_du
         "length": {"min": int(L.min()) if len(L) else 0, "p05": float(np.percentile(L, 5)) if len(L) else 0,
                    "median": float(np.median(L)) if len(L) else 0, "mean": float(L.mean()) if len(L) else 0,
                    "p95": float(np.percentile(L, 95)) if len(L) else 0, "max": int(L.max()) if len(L) else 0},
-        "split": {"method": clus.method, "detail": clus.detail,
+        "split": {"method": clus.method, "detail": clus.detail, "mmseqs": clus.tool,
                   "fallback": clus.method != "mmseqs",
                   "note": ("FALLBACK: MMseqs2 was not available, entries were split by exact-sequence hash; "
                            "homologous chains may straddle splits") if clus.method != "mmseqs" else "",

@@ -94,7 +94,7 @@ def finalize(ev: Evaluation) -> dict:
             tsv.write(per_protein_table(P, lengths, per_protein, cfg.unconstrained, decodable, header=k == 0))
             fasta.write("".join(f">{P['ids'][i]}\n{v.symbols(P['pred_codes'][i])}\n" for i in range(len(lengths))))
             if decodable and len(pdbs) < cfg.n_pdb:
-                pdbs += write_pdbs(out / "pdb", P, cfg.n_pdb - len(pdbs))
+                pdbs += write_pdbs(out / "pdb", P, cfg.n_pdb - len(pdbs), v.meta.get("WARNING"))
             for key, val in (("lengths", lengths), ("acc", acc), ("tf_acc", tf_acc), ("nll", P["nll"]),
                              ("n_targets", P["n_targets"]), ("n_breaks", P["n_breaks"]),
                              ("unc_valid", P["unc_valid"]), ("unc_length_match", P["unc_length_match"]),
@@ -125,6 +125,7 @@ def finalize(ev: Evaluation) -> dict:
         "skipped": [{"id": a, "reason": b} for a, b in skipped_all[:100]],
         "decoding": {"constrained": True, **asdict(cfg.decoding.sampling())},
         "random_weights_upstream": bool(v.meta.get("random_weights", False)),
+        **({"WARNING": v.meta["WARNING"]} if v.meta.get("WARNING") else {}),
         "vocab_meta": v.meta,
         "tokens_metrics": tokens,
         "length_bins": list(DEFAULT_LENGTH_BINS),
@@ -218,7 +219,8 @@ def _fmt(x) -> str:
 def summary_line(m: dict) -> str:
     """The one-line summary of metrics.json that stage 06 prints."""
     t = m["tokens_metrics"]
-    s = (f"{m['n_proteins']} proteins, accuracy {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
+    s = ("[RANDOM WEIGHTS upstream: see metrics.json WARNING] " if m.get("WARNING") else "") + (
+         f"{m['n_proteins']} proteins, accuracy {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
          f"perplexity {t['perplexity']:.2f}); baselines "
          + ", ".join(f"{b} {d['accuracy']:.3f}" for b, d in t["baselines"].items()))
     if "structure" in m:
@@ -232,9 +234,9 @@ def summary_line(m: dict) -> str:
     return s
 
 
-def write_pdbs(pdb_dir: Path, P: dict, limit: int) -> list[Path]:
+def write_pdbs(pdb_dir: Path, P: dict, limit: int, warning: str | None = None) -> list[Path]:
     """<id>_pred_vs_true.pdb for the first `limit` proteins with a true trace: chain A = truth,
-    chain B = decoded prediction superposed on it (Kabsch)."""
+    chain B = decoded prediction superposed on it (Kabsch); `warning` (RANDOM WEIGHTS) as a REMARK."""
     out = []
     for i in range(len(P["ids"])):
         if len(out) >= limit:
@@ -245,5 +247,6 @@ def write_pdbs(pdb_dir: Path, P: dict, limit: int) -> list[Path]:
             continue
         r, t = kabsch(pred[ok], true[ok])
         moved = pred.astype(np.float64) @ r.T + t
-        out.append(write_ca_pdb(pdb_dir / f"{safe_name(P['ids'][i])}_pred_vs_true.pdb", {"A": (aa, true), "B": (aa, moved)}))
+        out.append(write_ca_pdb(pdb_dir / f"{safe_name(P['ids'][i])}_pred_vs_true.pdb", {"A": (aa, true), "B": (aa, moved)},
+                               remark=warning))
     return out

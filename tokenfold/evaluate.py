@@ -94,6 +94,17 @@ def check_same_vocab(a: Vocab, b: Vocab, where: str) -> None:
                          f"from the checkpoint's ({a.kind}, interleaved={a.interleaved}, {a.n_struct} tokens)")
 
 
+def check_lengths(lengths: np.ndarray, n_positions: int | None, what: str, vocab: Vocab) -> None:
+    """The length rule of stages 05 and 06: every example evaluated fits the model's positions. A model
+    that cannot hold some is refused (one line): leaving them out would favour short chains."""
+    long = int((lengths > n_positions).sum()) if n_positions and len(lengths) else 0
+    if long:
+        raise ValueError(f"{long} of {len(lengths)} {what} are longer than the model's {n_positions} positions "
+                         f"(up to {int(lengths.max())} tokens), and leaving them out would favour short chains: "
+                         f"evaluate tokens made with 04_tokenize.py --max-length {vocab.max_residues(n_positions)}, "
+                         "or a model trained with stage 05's default --max-len")
+
+
 # ----------------------------------------------------------------------------- units of work
 def split_units(ds, db, chunk_size: int, max_proteins: int | None) -> dict[int, list[np.ndarray]]:
     """DB shard -> list of chunks (example indices into the token dataset), in dataset order."""
@@ -122,7 +133,7 @@ def _unragged(data, off) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- one chunk
-def protein_rows(ds, sh, idx: np.ndarray, vocab: Vocab, n_pos: int) -> tuple[list[dict], list[tuple]]:
+def protein_rows(ds, sh, idx: np.ndarray, vocab: Vocab) -> tuple[list[dict], list[tuple]]:
     """What the evaluation needs of the token examples `idx` (all in DB shard `sh`): tokens, true
     C-alpha and chain segments, checked against the DB entry; and (id, reason) of those skipped.
     Reads the shard's arrays (`sh.arrays`, loaded once and kept until the caller releases the shard)."""
@@ -131,9 +142,6 @@ def protein_rows(ds, sh, idx: np.ndarray, vocab: Vocab, n_pos: int) -> tuple[lis
         ids = np.asarray(ds[int(i)], dtype=np.int64)
         aa, codes = vocab.decode(ids)
         pid, g, crop, n = ds.meta(int(i))
-        if len(ids) > n_pos:
-            skipped.append((pid, f"{len(ids)} tokens, longer than the model's {n_pos} positions"))
-            continue
         if len(aa) != n or len(codes) != n:
             skipped.append((pid, f"token example has {len(aa)} residues / {len(codes)} tokens, index says {n}"))
             continue
@@ -239,6 +247,9 @@ class Evaluation:
         if len(self.ds) == 0:
             raise ValueError(f"{self.tokens}: the {cfg.split!r} split has no examples")
         self.units = split_units(self.ds, self.db, cfg.chunk_size, cfg.max_proteins)
+        n = len(self.ds) if cfg.max_proteins is None else min(len(self.ds), cfg.max_proteins)
+        check_lengths(self.ds.lengths[:n], read_json(self.ckpt / "config.json").get("max_position_embeddings"),
+                      f"{cfg.split} examples of {self.tokens}", self.vocab)
         self.fp = cfg.fingerprint(self.ckpt)
         self.fp_hash = hashlib.sha256(json.dumps(self.fp, sort_keys=True).encode()).hexdigest()
 
@@ -298,12 +309,12 @@ class Evaluation:
                     todo.append((k, c, idx))
         return todo
 
-    def unit_rows(self, todo: list[tuple], n_pos: int):
+    def unit_rows(self, todo: list[tuple]):
         """(shard, chunk, rows, skipped) of each unit of `todo` (`protein_rows`). Each DB shard is read
         once, for all of its chunks, and released after its last one: memory stays at one DB shard."""
         for j, (k, c, idx) in enumerate(todo):
             sh = self.db.shards[k]
-            rows, skipped = protein_rows(self.ds, sh, idx, self.vocab, n_pos)
+            rows, skipped = protein_rows(self.ds, sh, idx, self.vocab)
             if j + 1 == len(todo) or todo[j + 1][0] != k:
                 sh.release()
             yield k, c, rows, skipped
@@ -321,10 +332,9 @@ class Evaluation:
         decoder = self.decoder()
         # the token-frequency baselines (cheap, no classifier) give the baseline traces of decodable kinds
         base = self.fit_baselines(windowed=False) if decoder is not None else None
-        n_pos = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         t0, n_prot = time.time(), 0
         bar = progress(total=len(todo), desc="evaluate", unit="part")
-        for k, c, rows, skipped in self.unit_rows(todo, n_pos):
+        for k, c, rows, skipped in self.unit_rows(todo):
             res = evaluate_chunk(self.model, self.vocab, rows, skipped, self.cfg, decoder, base,
                                  chunk_seed=self.cfg.decoding.seed * 1_000_003 + k * 1009 + c)
             res["fingerprint"] = np.array(self.fp_hash)

@@ -114,13 +114,15 @@ ONE_TO_THREE = dict(zip("ACDEFGHIKLMNPQRSTVWY", (
     "ALA CYS ASP GLU PHE GLY HIS ILE LYS LEU MET ASN PRO GLN ARG SER THR VAL TRP TYR").split()))
 
 
-def write_ca_pdb(path: str | os.PathLike, chains: dict[str, tuple[str, np.ndarray]]) -> Path:
+def write_ca_pdb(path: str | os.PathLike, chains: dict[str, tuple[str, np.ndarray]], remark: str | None = None) -> Path:
     """A C-alpha-only PDB file (gemmi): one chain per entry ``name -> (amino acids, coordinates [L,3])``;
-    residues numbered 1..L, non-finite coordinates left out."""
+    residues numbered 1..L, non-finite coordinates left out; `remark` as REMARK 999 lines at the top."""
     import gemmi
+    import textwrap
 
     st = gemmi.Structure()
     st.name = Path(path).stem
+    st.raw_remarks = [f"REMARK 999 {line}" for line in textwrap.wrap(remark or "", 68)]
     model = gemmi.Model("1")
     for name, (aa, xyz) in chains.items():
         ch = gemmi.Chain(name)

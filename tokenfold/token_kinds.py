@@ -5,7 +5,8 @@
             holds full per-shard embeddings, else computed on the fly with the codebook's model (`EsmKind`).
 * ``geo``   our decodable C-alpha tokens (`tokenfold.geotokens`), with a codebook fit on TRAIN chains
             beforehand (`tokenfold.geo_fit`) (`GeoKind`).
-* ``kanzi`` Kanzi's FSQ tokens (`tokenfold.kanzi`, needs the package and ``--kanzi-checkpoint``) (`KanziKind`).
+* ``kanzi`` Kanzi's FSQ tokens (`tokenfold.kanzi`, needs the package and ``--kanzi-checkpoint``; chains of at
+            most 255 residues) (`KanziKind`).
 
 geo and kanzi encode the kept window of a chain on its own (a cropped example decodes by itself);
 3di and esm tokens are computed on the whole chain and cut (`tokenfold.tokenize` picks the window).
@@ -210,19 +211,22 @@ class EsmKind(TokenKind):
 
 
 class KanziKind(TokenKind):
-    """Kanzi's tokens of the kept C-alpha window, one chain at a time."""
+    """Kanzi's tokens of the kept C-alpha window (at most `kanzi.MAX_RESIDUES`), one chain at a time."""
 
     needs = "ca"
 
-    def __init__(self, cfg: TokenizeConfig, tokenizer=None):
+    def __init__(self, cfg: TokenizeConfig):
         super().__init__(cfg)
-        from .kanzi import KanziTokenizer
+        from .kanzi import KanziTokenizer, resolve_checkpoint
 
-        self.tok = tokenizer or KanziTokenizer.from_checkpoint(cfg.kanzi_checkpoint, device=cfg.device,
-                                                               n_decode_steps=cfg.kanzi_decode_steps, seed=cfg.seed)
+        self.tok = KanziTokenizer.from_checkpoint(
+            resolve_checkpoint(cfg.kanzi_checkpoint, cfg.random_weights_for_testing, cfg.seed), device=cfg.device,
+            allow_random=cfg.random_weights_for_testing, n_decode_steps=cfg.kanzi_decode_steps, seed=cfg.seed)
 
     def vocab(self) -> Vocab:
-        return Vocab.for_kind("kanzi", n_struct=self.tok.n_tokens, interleaved=self.cfg.interleaved, kanzi=self.tok.meta)
+        m = self.tok.meta
+        extra = {"random_weights": True, "WARNING": m["WARNING"]} if self.tok.random_weights else {}
+        return Vocab.for_kind("kanzi", n_struct=self.tok.n_tokens, interleaved=self.cfg.interleaved, kanzi=m, **extra)
 
     def codes(self, items, k, first_index):
         out = []
@@ -234,13 +238,12 @@ class KanziKind(TokenKind):
         return out
 
 
-def make_kind(cfg: TokenizeConfig, geo_codebook: GeoCodebook | None = None, kanzi_tokenizer=None) -> TokenKind:
-    """The token kind `cfg.kind`. geo needs its fitted codebook; `kanzi_tokenizer`: an already loaded
-    Kanzi tokenizer (tests pass a stand-in), else it is loaded from ``cfg.kanzi_checkpoint``."""
+def make_kind(cfg: TokenizeConfig, geo_codebook: GeoCodebook | None = None) -> TokenKind:
+    """The token kind `cfg.kind` (geo needs its fitted codebook)."""
     if cfg.kind == "3di":
         return ThreeDiKind(cfg)
     if cfg.kind == "geo":
         return GeoKind(cfg, geo_codebook)
     if cfg.kind == "esm":
         return EsmKind(cfg)
-    return KanziKind(cfg, kanzi_tokenizer)
+    return KanziKind(cfg)

@@ -9,7 +9,9 @@ Length policy (``max_length`` residues, default 1024): ``crop`` (default) keeps 
 ``max_length`` residues whose start is drawn from a generator seeded by (seed, DB index), so every
 array task and every re-run picks the same window, and records it (``crop_start`` in the index);
 ``drop`` leaves the chain out. Both are counted in the report. The kind computes the window's codes
-(`tokenfold.token_kinds`).
+(`tokenfold.token_kinds`). ``max_length`` residues fix the longest example, in tokens
+(`Vocab.example_length`: 2L+4 plain, 2L+3 interleaved; 2,052 at the default): the manifest records it
+as ``max_example_tokens``, and stage 05's ``--max-len`` and model positions follow from it.
 
 Work is split over DB shards (SLURM arrays: `sharding.my_units`); a killed task resumes at the first
 DB shard without its marker, and the result equals an uninterrupted run (tested). A geo array task
@@ -30,6 +32,7 @@ from .artifacts import atomic_path, read_json, sha256_file, write_json_atomic, w
 from .cli import die, option, progress
 from .db import SPLIT_CODES, SPLITS, ProteinDB
 from .geo_fit import codebook_for_task
+from .kanzi import MAX_RESIDUES as KANZI_MAX_RESIDUES
 from .report import write_report
 from .sharding import my_units
 from .shards import TokenShardWriter, shard_stem
@@ -55,7 +58,8 @@ class TokenizeConfig:
                              flag="--tokens", choices=KINDS)
     interleaved: bool = option(False, "interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>)")
     out: str | None = option(None, f"output directory (default {layout.TOKENS}/<kind>[_interleaved])")
-    max_length: int = option(1024, "max residues per example")
+    max_length: int = option(1024, "max residues per example; examples then hold at most 2L+4 tokens (2L+3 "
+                                   "interleaved), and stage 05's --max-len and model positions follow")
     long_policy: str = option("crop", "longer chains: crop = keep one seeded window of --max-length residues; "
                                       "drop = leave them out. Both are counted in report.json", choices=LONG_POLICIES)
     seed: int = option(0, "seed of crop windows and of the geo codebook fit")
@@ -73,10 +77,14 @@ class TokenizeConfig:
                                     group=_ESM)
     esm_model: str | None = option(None, "ESM-2 name or .pt path for on-the-fly embeddings (default: the codebook's)",
                                    group=_ESM)
-    random_weights_for_testing: bool = option(False, "accept a codebook/model made from a RANDOM-weights ESM-2 "
-                                                     "(tests and the offline demo only)", group=_ESM)
+    random_weights_for_testing: bool = option(False, "accept a codebook/model made from a RANDOM-weights ESM-2, or a "
+                                                     "RANDOM Kanzi checkpoint (kanzi: without --kanzi-checkpoint, or "
+                                                     "with a shape name tiny|small|base, writes data/models/kanzi_<shape>"
+                                                     "_RANDOM_seed<seed>.pt); tests and the offline demo only")
     device: str | None = option(None, "torch device for esm/kanzi (default: cuda if available, else cpu)", group=_ESM)
-    kanzi_checkpoint: str | None = option(None, "Kanzi checkpoint (.pt); needs the kanzi package", group=_KANZI)
+    kanzi_checkpoint: str | None = option(None, "Kanzi checkpoint (.pt, e.g. the released cleaned_model.pt); needs "
+                                                "the kanzi package. Chains longer than 255 residues are cropped or "
+                                                "dropped (--max-length is capped at 255: Kanzi's range)", group=_KANZI)
     kanzi_decode_steps: int = option(100, "SDE steps when decoding Kanzi tokens", group=_KANZI)
 
     def __post_init__(self):
@@ -86,6 +94,11 @@ class TokenizeConfig:
             raise ValueError(f"unknown --long-policy {self.long_policy!r}; expected crop or drop")
         if self.max_length < 1:
             raise ValueError("--max-length must be >= 1")
+        if self.kind == "kanzi" and self.max_length > KANZI_MAX_RESIDUES:
+            log.warning("kanzi tokens: --max-length %d lowered to %d (Kanzi was trained on chains < 256 and its encoder "
+                        "takes at most 256); longer chains are %s", self.max_length, KANZI_MAX_RESIDUES,
+                        "cropped to a seeded window" if self.long_policy == "crop" else "dropped")
+            self.max_length = KANZI_MAX_RESIDUES
 
     @property
     def name(self) -> str:
@@ -195,12 +208,10 @@ def _write_vocab(cfg: TokenizeConfig, vocab: Vocab) -> None:
     vocab.save(path)
 
 
-def run(cfg: TokenizeConfig, num_tasks: int = 1, task_index: int = 0, kanzi_tokenizer=None,
-        max_units: int | None = None) -> list[dict]:
+def run(cfg: TokenizeConfig, num_tasks: int = 1, task_index: int = 0, max_units: int | None = None) -> list[dict]:
     """This array task's share of stage 04 (and finalize when it is the only task).
 
-    `kanzi_tokenizer`: an already loaded Kanzi tokenizer (tests pass a stand-in). `max_units`: stop after
-    that many DB shards (tests use it to simulate a killed task).
+    `max_units`: stop after that many DB shards (tests use it to simulate a killed task).
     """
     out = cfg.out_dir
     manifest = out / "manifest.json"
@@ -210,7 +221,7 @@ def run(cfg: TokenizeConfig, num_tasks: int = 1, task_index: int = 0, kanzi_toke
             return []
         manifest.unlink(missing_ok=True)
     db = ProteinDB(cfg.db)
-    kind = make_kind(cfg, codebook_for_task(cfg, num_tasks) if cfg.kind == "geo" else None, kanzi_tokenizer)
+    kind = make_kind(cfg, codebook_for_task(cfg, num_tasks) if cfg.kind == "geo" else None)
     vocab = kind.vocab()
     _write_vocab(cfg, vocab)
     units = my_units(len(db.shards), num_tasks, task_index)
@@ -259,7 +270,8 @@ def finalize(cfg: TokenizeConfig) -> dict:
           "vocab": "vocab.json", "vocab_sha256": sha256_file(out / "vocab.json"), "vocab_size": vocab.size,
           "n_struct": vocab.n_struct, "db": str(Path(cfg.db).resolve()),
           "db_manifest_sha256": sha256_file(Path(cfg.db) / "manifest.json"),
-          "max_length": cfg.max_length, "long_policy": cfg.long_policy, "seed": cfg.seed,
+          "max_length": cfg.max_length, "max_example_tokens": vocab.example_length(cfg.max_length),
+          "long_policy": cfg.long_policy, "seed": cfg.seed,
           "splits": splits, "token_dtype": "uint16"}
     write_json_atomic(out / "manifest.json", mf)
     log.info("stage 04 %s complete: %s", cfg.name,

@@ -52,6 +52,9 @@ def build_report(cfg: TokenizeConfig, vocab: Vocab, summaries, splits, stats, re
             rep["WARNING"] = "RANDOM-weights ESM-2: these tokens carry no learned information (test/demo only)"
     if cfg.kind == "kanzi":
         rep["kanzi"] = vocab.meta.get("kanzi")
+        rep["random_weights"] = bool(vocab.meta.get("random_weights"))
+        if rep["random_weights"]:
+            rep["WARNING"] = vocab.meta["WARNING"]
     files = [_plot_frequency(out, vocab, cc), _plot_lengths(out, stats)]
     if cfg.kind == "geo":
         rm, L, sp = stats["rmsd"], stats["n_res"], stats["split"]

@@ -42,7 +42,7 @@ from .model import build_config, build_model, count_params, flops_per_token, pic
 from .optim import make_optimizer, make_scheduler, train_dtype
 from .shards import TokenDataset
 from .stop import EXIT_OK, EXIT_REQUEUE, StopFlag
-from .train_config import TrainConfig, changed_settings, compat_fingerprint
+from .train_config import TrainConfig, changed_settings, compat_fingerprint, resolve_max_len
 from .train_log import Interval, TrainLog
 from .vocab import Vocab
 
@@ -98,9 +98,8 @@ class Trainer:
         dist.barrier()
 
         # model shape, attention, batch layout, precision
-        self.model_cfg = build_config(cfg.preset, self.vocab, cfg.model_overrides)
-        if cfg.max_len > self.model_cfg.max_position_embeddings:
-            raise ValueError(f"--max-len {cfg.max_len} exceeds the model's {self.model_cfg.max_position_embeddings} positions")
+        cfg.max_len = resolve_max_len(cfg, self.vocab)   # the length contract with stage 04 (train_config.py)
+        self.model_cfg = build_config(cfg.preset, self.vocab, cfg.model_overrides, min_positions=cfg.max_len)
         self.attn = pick_attention(self.device, cfg.attn)
         self.layout = pick_layout(self.attn, cfg.batch_layout)
         self.dtype = train_dtype(cfg.precision, self.device)

@@ -43,7 +43,10 @@ class TrainConfig:
     batch_layout: str = option("auto", "padded = length-bucketed rows (SDPA), packed = one varlen row "
                                "(flash-attn); auto follows --attn", group=BATCHES, choices=["auto", "padded", "packed"])
     max_tokens: int = option(16384, "tokens per micro-batch per rank, padding included", group=BATCHES)
-    max_len: int = option(2048, "truncate longer examples", group=BATCHES)
+    max_len: int | None = option(
+        None, "longest example, in tokens (default: what the token shards may hold, from stage 04's --max-length: "
+        "2L+4, or 2L+3 interleaved; 2052 at its default). The model's positions are raised to hold it; a value "
+        "shorter than an example of the shards is refused", group=BATCHES)
     bucket_window: int = option(4096, "examples length-sorted together", group=BATCHES)
     struct_input_noise: float = option(
         0.0, "replace each structure token fed to the model by a random one with probability P (labels stay "
@@ -82,6 +85,42 @@ class TrainConfig:
     stop_after_steps: int | None = option(
         None, f"save and exit with status {EXIT_REQUEUE} after N steps of this session (time slicing, tests)",
         group=LOGS)
+
+
+def shard_max_tokens(tokens: str | os.PathLike, vocab) -> tuple[int, str]:
+    """The longest example the token shards may hold, and where that number comes from: stage 04's
+    --max-length as its manifest records it (`Vocab.example_length`), else (no manifest: shards made
+    outside stage 04's finalize) the longest example they hold."""
+    mf = Path(tokens) / "manifest.json"
+    m = read_json(mf) if mf.exists() else {}
+    if "max_length" in m:   # (manifests written before max_example_tokens existed: the same rule)
+        return int(m.get("max_example_tokens", vocab.example_length(m["max_length"]))), \
+            f"stage 04's --max-length {m['max_length']}"
+    return longest_example(tokens), f"the longest example in {tokens} (no manifest.json)"
+
+
+def longest_example(tokens: str | os.PathLike) -> int:
+    """Tokens of the longest example of any split of a token directory."""
+    from .db import SPLITS
+    from .shards import TokenDataset
+
+    return max([int(TokenDataset(tokens, s).lengths.max(initial=0)) for s in SPLITS if (Path(tokens) / s).is_dir()],
+               default=0)
+
+
+def resolve_max_len(cfg: TrainConfig, vocab) -> int:
+    """--max-len as given, or by default what the token shards may hold (`shard_max_tokens`). A --max-len
+    shorter than an example of any split is refused (one line): truncation would cut residues and
+    <eos>, and stage 06 could not evaluate such chains."""
+    need, source = shard_max_tokens(cfg.tokens, vocab)
+    if cfg.max_len is None:
+        return need
+    longest = longest_example(cfg.tokens)
+    if cfg.max_len < longest:
+        raise ValueError(f"--max-len {cfg.max_len} is shorter than examples of {cfg.tokens} (up to {longest} tokens): "
+                         f"leave it out (default {need}, from {source}) or re-tokenize with 04_tokenize.py "
+                         f"--max-length {vocab.max_residues(cfg.max_len)}")
+    return cfg.max_len
 
 
 def default_out(tokens: str | os.PathLike, preset: str) -> Path:

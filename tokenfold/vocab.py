@@ -13,6 +13,9 @@ Example layouts (L residues, a_i amino acids, s_i structure tokens)::
 
 The loss is taken only where the *target* is a structure token or <eos> (`loss_mask`), never on
 amino acids or the prompt. Generation prompts with everything up to the first structure token.
+An example of L residues has 2L+4 tokens (plain) or 2L+3 (interleaved): `example_length`, and its
+inverse `max_residues`, the one length rule of stages 04 (crop), 05 (--max-len, model positions), 06
+and predict.
 """
 from __future__ import annotations
 
@@ -124,6 +127,14 @@ class Vocab:
         return (ids >= self.struct_offset) & (ids < self.size)
 
     # ---- examples
+    def example_length(self, n_res: int) -> int:
+        """Tokens of the example of a protein of n_res residues: 2L+4 (plain) or 2L+3 (interleaved)."""
+        return 2 * int(n_res) + (3 if self.interleaved else 4)
+
+    def max_residues(self, n_tokens: int) -> int:
+        """The longest protein whose example fits in n_tokens tokens (inverse of `example_length`)."""
+        return max(0, (int(n_tokens) - self.example_length(0)) // 2)
+
     def prompt(self, aa: str) -> np.ndarray:
         """Tokens before the first structure token (plain layout) / before a_1 (interleaved)."""
         if self.interleaved:
