@@ -167,15 +167,18 @@ class _PartColumns:
     def __init__(self, ev: Evaluation, paths: list[Path], sizes: np.ndarray):
         self.ev, self.paths, self.first = ev, paths, np.concatenate([[0], np.cumsum(sizes)])
 
-    def __getitem__(self, key: str):
-        cols = self
+    def __getitem__(self, key: str) -> "_PartColumn":
+        return _PartColumn(self, key)
 
-        class Column:
-            def __getitem__(self, i: int):
-                k = int(np.searchsorted(cols.first, i, side="right")) - 1
-                part = cols.ev.read_part(cols.paths[k], [key])
-                return part[key][i - int(cols.first[k])]
-        return Column()
+
+class _PartColumn:
+    def __init__(self, parts: _PartColumns, key: str):
+        self.parts, self.key = parts, key
+
+    def __getitem__(self, i: int):
+        p = self.parts
+        k = int(np.searchsorted(p.first, i, side="right")) - 1
+        return p.ev.read_part(p.paths[k], [self.key])[self.key][i - int(p.first[k])]
 
 
 def structure_metrics(tm: np.ndarray, lengths: np.ndarray, n_breaks: np.ndarray) -> dict:
