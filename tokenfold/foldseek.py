@@ -122,6 +122,8 @@ class IndexedFile:
             n += 1  # last line without newline
         self._n = n
         self._checkpoints = np.concatenate(cps)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)   # the whole index was read once: drop its pages (see `release`)
 
     def __len__(self) -> int:
         if self._n is None:
