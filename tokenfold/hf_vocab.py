@@ -135,6 +135,8 @@ class MappedTokens:
         return np.asarray(self.ds[i], dtype=np.int64) + self.offset
 
     def __getattr__(self, name):   # root, split, lengths, ids, db_index, crop_start, n_res, n_tokens
+        if name == "ds":             # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
         return getattr(self.ds, name)
 
 

@@ -96,7 +96,9 @@ class Trainer:
         if cfg.init_from:
             self.tokenizer = hf_vocab.load_tokenizer(cfg.init_from)
             self.vocab = hf_vocab.extend_tokenizer(self.tokenizer, self.vocab, cfg.init_from)
+        t_ds = time.time()
         self.train_ds = hf_vocab.token_dataset(tokens, "train", self.vocab)
+        t_ds = time.time() - t_ds
         self.val_ds = hf_vocab.token_dataset(tokens, "val", self.vocab) if (tokens / "val").is_dir() else None
         check_vocab(self.vocab, self.train_ds)
         if cfg.overwrite and self.main and self.run_dir.exists():
@@ -113,10 +115,16 @@ class Trainer:
         self.precision = dtype_name(self.dtype)
 
         # data and schedule length
+        t_data = time.time()
+        cuda = self.device.type == "cuda"
+        workers = cfg.data_workers if cfg.data_workers is not None else (2 if cuda else 0)
         self.stream = TrainStream(self.train_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
                                   layout=self.layout, seed=cfg.seed, grad_accum=cfg.grad_accum,
                                   world_size=dist.world_size, rank=dist.rank, window=cfg.bucket_window,
-                                  input_noise=cfg.struct_input_noise)
+                                  input_noise=cfg.struct_input_noise, workers=workers, pin_memory=cuda)
+        log.info("data: %d train examples (%s tokens) read in %.1f s; epoch plan of %d micro-batches in %.1f s; "
+                 "%d loader workers%s", len(self.train_ds), f"{self.train_ds.n_tokens:,}", t_ds,
+                 len(self.stream.plan(0)), time.time() - t_data, workers, ", pinned memory" if cuda else "")
         self.steps_per_epoch = self.stream.steps_per_epoch()
         self.total_steps = int(cfg.max_steps) if cfg.max_steps else \
             max(1, int(round((cfg.epochs or 1.0) * self.steps_per_epoch)))
@@ -351,6 +359,7 @@ class Trainer:
                 acc.excluded += time.time() - t_aside   # eval / checkpoint time is not training throughput
         finally:
             bar.close()
+            self.stream.close()    # loader workers exit; nothing reads batches after the loop
         return self.finish(time.time() - t_start, tok_start)
 
     def finish(self, wall: float, tok_start: int) -> TrainResult:
@@ -382,8 +391,7 @@ class Trainer:
             "stage": "05_train_lm", "run": self.run_dir.name, "preset": self.cfg.preset,
             "init_from": self.cfg.init_from, "lora_rank": self.cfg.lora_rank, "fsdp": self.cfg.fsdp,
             "n_params": self.plan.shape.n_params, "n_params_trainable": self.plan.shape.n_trainable,
-            "steps": self.step, "tokens_seen": self.tokens_seen,
-            "epochs_seen": s.epoch + s.pos / max(len(s.plan(s.epoch)), 1),
+            "steps": self.step, "tokens_seen": self.tokens_seen, "epochs_seen": s.epochs_seen(),
             "final_train_loss": tr[-1]["loss"] if tr else None, "final_train_acc": tr[-1]["acc"] if tr else None,
             "val": self.last_val,
             "useful_tokens_per_s_wall": tps,          # this session, validation and checkpoints included

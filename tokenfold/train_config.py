@@ -22,7 +22,8 @@ from .stop import EXIT_REQUEUE
 # settings that may change when resuming (everything else must match the checkpointed run)
 RESUME_MUTABLE = {"out", "tokens", "resume", "overwrite", "eval_every", "eval_max_examples", "save_every",
                   "keep_last", "log_every", "wandb", "wandb_project", "compile", "grad_checkpointing",
-                  "threads", "device", "stop_after_steps", "attn", "grad_accum", "gpu_memory_gb", "loss_chunk"}
+                  "threads", "device", "stop_after_steps", "attn", "grad_accum", "gpu_memory_gb", "loss_chunk",
+                  "data_workers"}
 
 IO, MODEL, BATCHES, OPTIM, LOGS, MACHINE = ("inputs and outputs", "model", "batches", "optimisation",
                                             "evaluation, checkpoints, logs", "machine")
@@ -99,6 +100,9 @@ class TrainConfig:
         None, "loss targets per chunk of LM-head logits (default: as many as keep a chunk's fp32 logits under "
         "1 GiB: all of them with our own vocabulary, ~2,000 with a 128k-token LLM)", group=BIG)
     threads: int | None = option(None, "torch CPU threads per process", group=MACHINE)
+    data_workers: int | None = option(
+        None, "DataLoader worker processes per rank that read and collate batches ahead, into pinned memory on a "
+        "GPU (default: 2 on a GPU, 0 on CPU); the batches are the same for any number", group=MACHINE)
     device: str = option("auto", "auto (cuda:LOCAL_RANK if a GPU is visible, else cpu) | cpu | cuda", group=MACHINE)
     stop_after_steps: int | None = option(
         None, f"save and exit with status {EXIT_REQUEUE} after N steps of this session (time slicing, tests)",
