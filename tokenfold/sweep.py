@@ -32,9 +32,7 @@ SWEEP_CELL_<FIELD>  a cell job's resources: stage 05's S05_<FIELD> (CPUS, MEM, T
                     NTASKS_PER_NODE, PARTITION, SBATCH_EXTRA, SIGNAL_SECS), each replaced when set
 ==================  ==================================================================================
 
-Files (under SWEEP_DIR; also data/README.md): ``sweep.json`` (the grid), ``tokens/<set>_f<fraction>/``,
-``runs/<cell>/`` (stage 05), ``eval/<cell>/`` (stage 06), ``cells/<cell>.json`` (a cell's numbers),
-``report.json``, ``cells.tsv``, ``scaling_<set>.png``, ``projection_<set>.png``, ``token_kinds.{md,json,png}``.
+Files: data/README.md, section ``sweeps/<name>/``.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Per token set with at least two sizes and two fractions: L(N, D) fitted to the c
 06's perplexity on the evaluated split, nats per structure token), then the data size at which
 free-running accuracy would pass the windowed baseline (the best baseline when there is no windowed
 one). The baselines drawn and used are those of the fraction-1 cells (fitted on the whole train
-split by stage 06). Files: see `tokenfold.sweep`.
+split by stage 06). Files: data/README.md, section ``sweeps/<name>/``.
 """
 from __future__ import annotations
 
