@@ -1,6 +1,8 @@
 """The learning-curve sweep: a real 2 x 2 grid of tiny models through stages 05 and 06, its subsets,
 its array split and SLURM commands, and the collect step's fit and plots on synthetic cells."""
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,33 @@ def test_collect_fits_projects_and_draws_synthetic_cells(tmp_path):
         assert f.stat().st_size > 20_000
     flat = scaling_section(synthetic_cells(acc_slope=0.0), n_boot=5)
     assert flat["projection"]["status"].startswith("no projection")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_submit_runs_the_grid_as_slurm_jobs(tmp_path, tokens_3di):
+    """`submit` on a real SLURM cluster: prepare, a 2-task cell array, collect, chained with afterok."""
+    from conftest import IN_CI
+    from test_pipeline import clean_env
+    from test_slurm import cluster_problem, wait_for
+
+    problem = cluster_problem()
+    if problem:
+        if IN_CI:
+            pytest.fail(f"TOKENFOLD_CI=1 but no SLURM cluster: {problem}")
+        pytest.skip(f"no SLURM cluster: {problem}")
+    cfg = write_config(tmp_path, tokens_3di, SWEEP_SIZES="1x16", S05_CPUS="1", S05_SIGNAL_SECS="30",
+                       LOG_DIR=str(tmp_path / "logs"))
+    env = clean_env(TOKENFOLD_CONFIG=str(cfg))
+    p = subprocess.run([sys.executable, "-m", "tokenfold.sweep", "submit", "--config", str(cfg)], cwd=sweep.ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    ids = [line.split("job ")[1] for line in p.stdout.splitlines() if ": job " in line]
+    assert len(ids) == 3
+    rows = wait_for(ids)
+    logs = sorted((tmp_path / "logs").glob("tf-sweep-*.out"))
+    assert all(r["state"] == "COMPLETED" for r in rows), (rows, [f.read_text()[-1500:] for f in logs])
+    assert sorted(r["id"] for r in rows if r["id"].startswith(ids[1] + "_")) == [f"{ids[1]}_0", f"{ids[1]}_1"]
+    rep = json.loads((tmp_path / "data" / "sweeps" / "sweep" / "report.json").read_text())
+    assert [r["cell"] for r in rep["cells"]] == ["3di_1x16_f0.5", "3di_1x16_f1"]
+    assert len([f for f in logs if "tf-sweep-cell" in f.name]) == 2

@@ -216,17 +216,16 @@ def sbatch_commands(sw: Sweep) -> list[list[str]]:
     logs = _abs(sw.cfg.lookup("LOG_DIR") or f"{sw.cfg.lookup('TOKENFOLD_DATA', 'data')}/logs")
     small = [f"--cpus-per-task={sw.cfg.lookup('SWEEP_CPUS', '1')}"] + \
         [f"--{k}={sw.cfg.lookup(f'SWEEP_{k.upper()}')}" for k in ("mem", "time") if sw.cfg.lookup(f"SWEEP_{k.upper()}")]
-    part = [f"--partition={sw.cfg.lookup('PARTITION')}"] if sw.cfg.lookup("PARTITION") else []
-    acct = [f"--{k}={sw.cfg.lookup(k.upper())}" for k in ("account", "qos") if sw.cfg.lookup(k.upper())]
+    small += [f"--{k}={sw.cfg.lookup(k.upper())}" for k in ("partition", "account", "qos") if sw.cfg.lookup(k.upper())]
+    small += shlex.split(sw.cfg.lookup("SBATCH_EXTRA"))
     dep = ["--dependency=afterok:{prev}", "--kill-on-invalid-dep=yes"]
     script = str(ROOT / "slurm" / "sweep.sbatch")
     jobs = []
-    for phase, opts in (("prepare", small + part + acct),
+    for phase, opts in (("prepare", small),
                         ("cell", [f"--array=0-{len(sw.cells) - 1}", *resources(cell_cfg, stage05, "job").sbatch_options()]
                          + dep),
-                        ("collect", small + part + acct + dep)):
+                        ("collect", small + dep)):
         out = logs / (f"tf-sweep-{phase}-%A_%a.out" if phase == "cell" else f"tf-sweep-{phase}-%j.out")
-        opts = [o for o in opts if not (phase == "prepare" and o.startswith("--dependency"))]
         jobs.append(["sbatch", "--parsable", f"--job-name=tf-sweep-{phase}", f"--output={out}", *opts, script, phase])
     return jobs
 
@@ -242,9 +241,10 @@ def submit(sw: Sweep, dry_run: bool = False) -> list[str]:
             prev = f"<{cmd[2].split('=', 1)[1]}>"
             continue
         (Path(cmd[3].split("=", 1)[1]).parent).mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+        r = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
         if r.returncode != 0:
-            die(f"sbatch failed: {(r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else r.returncode}")
+            said = (r.stderr or r.stdout).strip().splitlines()
+            die(f"sbatch failed (status {r.returncode}): {said[-1] if said else 'no message'}")
         prev = r.stdout.strip().split(";")[0]
         ids.append(prev)
         print(f"{cmd[2].split('=', 1)[1]}: job {prev}")

@@ -91,7 +91,7 @@ def scaling_section(cells, n_boot: int) -> dict:
     sec["fit_object"] = fit
     if target_name is not None:
         proj = project(fit, L, acc, base[target_name], sorted(set(N)))
-        full = [r for r in cells if r["fraction"] == max(c["fraction"] for c in cells)][0]
+        full = next(r for r in cells if r["fraction"] == max(c["fraction"] for c in cells))
         per_chain = full["D"] / max(full["train_examples"], 1)      # tokens seen per train chain (epochs included)
         for row in proj["per_N"]:
             row["train_chains_at_sweep_epochs"] = row["D_star"] / per_chain if np.isfinite(row["D_star"]) else None

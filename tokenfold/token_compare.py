@@ -160,13 +160,13 @@ def markdown(table: dict) -> str:
                   "", "| measure | value |", "|---|---|",
                   f"| utilisation | {_f(t['utilisation'])} ({t['codes_used']} of {t['n_struct']}) |",
                   f"| perplexity | {_f(t['perplexity'], 1)} |",
-                  f"| unique tokens per protein, mean / median (p10-p90) | {_f(u['mean'], 1)} / {_f(u['median'], 1)} "
-                  f"({_f(u['p10'], 0)}-{_f(u['p90'], 0)}); {_f(u['fraction_in_20_50'], 2)} of proteins in 20-50 |",
-                  f"| NMI(code; 3Di) | {_f(t['nmi_3di'])} (amino acid: {_f(t['nmi_aa_3di'])}, shuffled codes: "
-                  f"{_f(t['nmi_3di_shuffled'])}) |",
+                  (f"| unique tokens per protein, mean / median (p10-p90) | {_f(u['mean'], 1)} / {_f(u['median'], 1)} "
+                   f"({_f(u['p10'], 0)}-{_f(u['p90'], 0)}); {_f(u['fraction_in_20_50'], 2)} of proteins in 20-50 |"),
+                  (f"| NMI(code; 3Di) | {_f(t['nmi_3di'])} (amino acid: {_f(t['nmi_aa_3di'])}, shuffled codes: "
+                   f"{_f(t['nmi_3di_shuffled'])}) |"),
                   f"| NMI(code; amino acid) | {_f(t['nmi_code_aa'])} |",
-                  "| reconstruction, C-alpha RMSD median (p90) | " + (
-                      f"{_f(rec['rmsd_A'].get('median'), 2)} A ({_f(rec['rmsd_A'].get('p90'), 2)} A), {rec['how']} |"
+                  "| reconstruction, C-alpha RMSD median (max) | " + (
+                      f"{_f(rec['rmsd_A'].get('median'), 2)} A ({_f(rec['rmsd_A'].get('max'), 2)} A), {rec['how']} |"
                       if rec["decodable"] else "not decodable |")]
         for r in k["learnability"]:
             b = ", ".join(f"{n} {_f(v)}" for n, v in r["baselines"].items())
