@@ -39,7 +39,7 @@ import os
 
 import numpy as np
 
-from .vocab import AA_LETTERS, SPECIALS, Vocab
+from .vocab import AA_LETTERS, Vocab
 
 log = logging.getLogger("tokenfold.hf_vocab")
 
@@ -48,7 +48,7 @@ RANDOM_MARK = "tokenfold_random_weights"   # config.json key of the test models 
 
 def token_names(vocab: Vocab) -> list[str]:
     """The added-token text of each of our tokens, in minimal id order."""
-    specials = [f"<tf_{s[1:-1]}>" for s in SPECIALS]
+    specials = [f"<tf_{s[1:-1]}>" for s in vocab.specials]
     aas = [f"<aa_{a}>" for a in AA_LETTERS]
     if vocab.kind == "3di":
         structs = [f"<3di_{s}>" for s in vocab.struct_symbols]
@@ -81,7 +81,7 @@ def extend_tokenizer(tokenizer, vocab: Vocab, source: str) -> Vocab:
     if clash:
         raise ValueError(f"{source}: its tokenizer already has token(s) {clash[:5]}: cannot add ours unambiguously")
     base = len(tokenizer)
-    n_special = len(SPECIALS)
+    n_special = len(vocab.specials)
     tokenizer.add_tokens([AddedToken(n, special=True, normalized=False) for n in names[:n_special]],
                          special_tokens=True)
     tokenizer.add_tokens([AddedToken(n, special=False, normalized=False) for n in names[n_special:]])

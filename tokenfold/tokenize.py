@@ -54,7 +54,8 @@ class TokenizeConfig:
 
     db: str = option(str(layout.DB), "protein DB from stage 01")
     kind: str = option("3di", "structure token kind: 3di = Foldseek's letters from the DB, esm = "
-                             "stage-03 codes, geo = our decodable C-alpha tokens, kanzi = Kanzi's",
+                             "stage-03 codes, geo = our decodable C-alpha tokens, kanzi = Kanzi's, 6d = the hand-crafted "
+                             "C-alpha baseline codebook (angles, secondary structure, density)",
                              flag="--tokens", choices=KINDS)
     interleaved: bool = option(False, "interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>)")
     out: str | None = option(None, f"output directory (default {layout.TOKENS}/<kind>[_interleaved])")

@@ -6,6 +6,10 @@ Token ids::
     8..28    the 20 amino acids + X                                           (`aa_offset`)
     29..     the K structure tokens of this vocabulary's kind                 (`struct_offset`)
 
+A kind added after the first four (``6d``) has its marker at id 8, after the eight original
+specials, and its amino acids and structure tokens one id later; the ids of the first four kinds'
+vocabularies (and so their token shards and checkpoints) never change.
+
 Example layouts (L residues, a_i amino acids, s_i structure tokens)::
 
     plain        <bos> a_1 .. a_L <sep> <kind> s_1 .. s_L <eos>
@@ -35,7 +39,7 @@ from .artifacts import write_json_atomic
 
 SPECIALS = ("<pad>", "<bos>", "<sep>", "<eos>", "<3di>", "<esm>", "<geo>", "<kanzi>")
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
-KIND_MARKER = {"3di": 4, "esm": 5, "geo": 6, "kanzi": 7}
+KIND_MARKER = {"3di": 4, "esm": 5, "geo": 6, "kanzi": 7, "6d": 8}
 AA_LETTERS = "ACDEFGHIKLMNPQRSTVWYX"
 THREEDI_LETTERS = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -55,7 +59,7 @@ IGNORE_INDEX = -100  # label value the HF loss ignores
 
 @dataclass
 class Vocab:
-    kind: str                  # 3di | esm | geo | kanzi
+    kind: str                  # 3di | esm | geo | kanzi | 6d
     struct_symbols: list[str]  # printable form of each structure token, code k -> struct_symbols[k]
     interleaved: bool = False
     meta: dict = field(default_factory=dict)
@@ -66,7 +70,8 @@ class Vocab:
             raise ValueError(f"unknown structure token kind {self.kind!r}; expected one of {sorted(KIND_MARKER)}")
         o = self.id_offset
         self.pad, self.bos, self.sep, self.eos = PAD + o, BOS + o, SEP + o, EOS + o
-        self.aa_offset = o + len(SPECIALS)
+        self.specials = SPECIALS + ((f"<{self.kind}>",) if KIND_MARKER[self.kind] >= len(SPECIALS) else ())
+        self.aa_offset = o + len(self.specials)
         self.struct_offset = self.aa_offset + len(AA_LETTERS)
         self.size = self.struct_offset + len(self.struct_symbols)
         self.kind_id = KIND_MARKER[self.kind] + o
@@ -89,13 +94,13 @@ class Vocab:
 
     @property
     def tokens(self) -> list[str]:
-        return list(SPECIALS) + list(AA_LETTERS) + [f"<{s}>" if self.kind != "3di" else f"[{s}]" for s in self.struct_symbols]
+        return list(self.specials) + list(AA_LETTERS) + [f"<{s}>" if self.kind != "3di" else f"[{s}]" for s in self.struct_symbols]
 
     def to_dict(self) -> dict:
         return {"format": "tokenfold-vocab", "version": 1, "kind": self.kind, "interleaved": self.interleaved,
                 "n_struct": self.n_struct, "struct_symbols": self.struct_symbols,
                 "aa_offset": self.aa_offset, "struct_offset": self.struct_offset, "size": self.size,
-                "specials": list(SPECIALS), "aa_letters": AA_LETTERS, "tokens": self.tokens, "meta": self.meta,
+                "specials": list(self.specials), "aa_letters": AA_LETTERS, "tokens": self.tokens, "meta": self.meta,
                 **({"id_offset": self.id_offset} if self.id_offset else {})}
 
     def save(self, path: str | os.PathLike) -> None:
