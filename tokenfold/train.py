@@ -210,6 +210,9 @@ class Trainer:
                 "precision": self.precision, "world_size": self.dist.world_size, "launcher": self.dist.launcher,
                 "device": str(self.device), "n_params": self.plan.shape.n_params,
                 "n_params_trainable": self.plan.shape.n_trainable,
+                # the scaling-law N (tokenfold.sweep): all but the input embedding lookup (a tied one is the head)
+                "n_params_non_embedding": self.plan.shape.n_params - (
+                    0 if self.model_cfg.tie_word_embeddings else self.model_cfg.vocab_size * self.model_cfg.hidden_size),
                 "memory_plan_gib": {k: v / memory_plan.GiB for k, v in self.plan.terms.items()},
                 "init_from": self.cfg.init_from, "random_weights": hf_vocab.is_random_test_model(self.model_cfg),
                 "checkpoint_weights": self.ckpt_kind,
