@@ -21,7 +21,10 @@ import argparse
 import sys
 
 from tokenfold.cli import add_options, die, options_from_args, setup_logging
+from tokenfold.codebook import CodebookError
+from tokenfold.esm_checkpoint import EsmLoadError
 from tokenfold.geo_fit import ensure_geo_codebook
+from tokenfold.kanzi import KanziUnavailable
 from tokenfold.sharding import add_shard_args, resolve_shard
 from tokenfold.tokenize import TokenizeConfig, finalize, run
 
@@ -60,12 +63,8 @@ def main(argv=None) -> int:
             finalize(cfg)
         else:
             run(cfg, num, idx)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, KanziUnavailable, EsmLoadError, CodebookError) as err:
         die(str(err).splitlines()[0])
-    except Exception as err:  # noqa: BLE001 - one clear line for known optional-dependency failures
-        if type(err).__name__ in ("KanziUnavailable", "EsmLoadError", "CodebookError"):
-            die(str(err).splitlines()[0])
-        raise
     return 0
 
 

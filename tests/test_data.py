@@ -111,15 +111,10 @@ def test_stream_skips_examples_without_a_target(tmp_path):
     assert b.n_examples == 1 and b.n_tokens == 2 * len(aa) + 4 and b.n_loss == len(aa) + 1
 
 
-def test_layout_follows_attention_and_packed_rows_need_a_varlen_kernel(monkeypatch):
+def test_layout_follows_attention_unless_asked():
     assert pick_layout("sdpa") == "padded" and pick_layout("eager") == "padded"
     assert pick_layout("flash_attention_2") == "packed" and pick_layout("flash_attention_2", "padded") == "padded"
-    monkeypatch.setattr("tokenfold.data._packed_sdpa_supported", lambda: True)     # transformers >= 5
-    assert pick_layout("sdpa", "packed") == "packed"
-    monkeypatch.setattr("tokenfold.data._packed_sdpa_supported", lambda: False)    # transformers 4.x
-    with pytest.raises(ValueError, match="packed layout needs flash_attention_2"):
-        pick_layout("sdpa", "packed")
-    assert pick_layout("flash_attention_2", "packed") == "packed"
+    assert pick_layout("sdpa", "packed") == "packed"   # transformers >= 5 masks packed rows for SDPA too
 
 
 def test_loader_workers_give_the_same_steps_and_resume(tmp_path):

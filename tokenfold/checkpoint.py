@@ -201,16 +201,13 @@ def _as_tuple(x):
 
 # ----------------------------------------------------------------------------- loading
 def from_pretrained(path: str | os.PathLike, dtype=torch.float32, attn_implementation: str | None = None):
-    """`AutoModelForCausalLM.from_pretrained` across transformers 4.4x (`torch_dtype`) and 5.x (`dtype`)."""
+    """`AutoModelForCausalLM.from_pretrained` in `dtype`, with `attn_implementation` when given."""
     from transformers import AutoModelForCausalLM
 
     kw = {}
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    except TypeError:  # transformers < 4.56 spells it torch_dtype
-        return AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
 
 
 def resolve(path: str | os.PathLike) -> Path:

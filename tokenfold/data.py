@@ -18,7 +18,7 @@ the attention implementation:
     all examples of the micro-batch concatenated into one row ``[1, N]``, no padding at all;
     ``position_ids`` restart at 0 at each example. transformers turns the restarts into
     variable-length FlashAttention (``cu_seqlens``), so each example attends only to itself, and
-    RoPE sees the same positions as for the example alone. (transformers >= 5 also builds the
+    RoPE sees the same positions as for the example alone. (transformers also builds the
     equivalent block-diagonal mask for SDPA; tests/test_model.py checks that both layouts give
     every example exactly the logits it gets alone.)
 
@@ -77,23 +77,11 @@ LAYOUTS = ("padded", "packed")
 
 def pick_layout(attn_implementation: str, requested: str = "auto") -> str:
     """`auto`: the batch layout that suits an attention implementation (see the module docstring).
-    Anything else as given, once checked: packed rows need flash-attn, or transformers >= 5 for SDPA."""
+    Anything else as given (transformers masks packed rows for SDPA as well as for flash-attn)."""
     flash = attn_implementation.startswith("flash_attention")
     if requested == "auto":
         return "packed" if flash else "padded"
-    if requested == "packed" and not flash and not _packed_sdpa_supported():
-        raise ValueError("the packed layout needs flash_attention_2, or transformers >= 5 for SDPA; "
-                         "use --batch-layout padded")
     return requested
-
-
-def _packed_sdpa_supported() -> bool:
-    """transformers >= 5 derives a block-diagonal mask from restarting position_ids for SDPA."""
-    try:
-        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------------- planning

@@ -111,17 +111,11 @@ def _new_cache(model, max_len: int):
     """A KV cache preallocated for `max_len` positions that hands attention only the positions
     written so far: no per-step concatenation (DynamicCache copies the whole cache every step) and no
     attention over empty slots (StaticCache attends to all `max_len`). Built from transformers'
-    cache classes (>= 5); where that API differs, a plain DynamicCache (same results, slower)."""
-    from transformers import DynamicCache
+    cache classes."""
+    from transformers.cache_utils import Cache
 
-    try:
-        from transformers.cache_utils import Cache
-
-        n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        layer = _preallocated_layer_class()
-        return Cache(layers=[layer(max_len) for _ in range(n_layers)])
-    except (ImportError, TypeError, AttributeError):
-        return DynamicCache(config=model.config)
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return Cache(layers=[_preallocated_layer_class()(max_len) for _ in range(n_layers)])
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,7 +39,6 @@ from .vocab import BOS, EOS, PAD, Vocab
 
 log = logging.getLogger("tokenfold.model")
 
-# RoPE written as (rope_theta, rope_scaling): the form both transformers 4.4x and 5.x accept.
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
