@@ -246,7 +246,6 @@ def bench_one(n: int, work: Path, a) -> dict:
     import scale_db
 
     work.mkdir(parents=True, exist_ok=True)
-    py = sys.executable
     out = {"entries": n, "stages": {}}
     st = out["stages"]
     t, c = time.time(), time.process_time()

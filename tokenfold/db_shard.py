@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,8 +51,12 @@ def _structure_job(job):
 
 
 def make_pool(workers: int):
-    """Worker processes for structure files (fork where available), each with one BLAS thread."""
-    return mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers, initializer=_one_blas_thread)
+    """Worker processes for structure files, each with one BLAS thread. They are forked from a clean
+    forkserver process where there is one (Linux), never from the caller: a caller that already runs
+    threads (torch, gloo, a notebook) may hold a lock at fork time, and the forked worker then waits on
+    it forever (seen in the test suite after an in-process FSDP test). Elsewhere they are spawned."""
+    ctx = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(ctx).Pool(workers, initializer=_one_blas_thread)
 
 
 def build_shard(out: Path, plan: Plan, k: int, pool=None) -> dict:
