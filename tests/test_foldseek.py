@@ -1,4 +1,4 @@
-"""Foldseek/MMseqs2 database reading (tokenfold/foldseek.py) against Foldseek's own dumps and PDBs."""
+"""Foldseek/MMseqs2 database reading (tokenfold/foldseek.py, foldseek_files.py) against Foldseek's own dumps and PDBs."""
 import os
 import shutil
 
@@ -7,6 +7,7 @@ import pytest
 
 from conftest import need_shared, read_fasta
 from tokenfold import foldseek as F
+from tokenfold import foldseek_files
 
 
 def _entries(prefix):
@@ -64,8 +65,8 @@ def test_ca_matches_pdb_within_a_milliangstrom(shared_structures_db):
 def test_checkpointed_line_access_equals_full_read(monkeypatch):
     fdb = need_shared("foldseek_db")
     full = F.FoldseekDB(fdb / "shared").read_range(0, 10**9)
-    monkeypatch.setattr(F, "CHECKPOINT", 7)
-    monkeypatch.setattr(F, "_SCAN", 1000)  # many scan chunks: lines straddle chunk borders
+    monkeypatch.setattr(foldseek_files, "CHECKPOINT", 7)
+    monkeypatch.setattr(foldseek_files, "_SCAN", 1000)  # many scan chunks: lines straddle chunk borders
     db = F.FoldseekDB(fdb / "shared")
     parts = [db.read_range(a, a + 97) for a in range(0, len(db), 97)]
     assert sum(len(p.ids) for p in parts) == len(db) == len(full.ids)
