@@ -34,7 +34,7 @@ def test_loss_mask_never_on_amino_acids(interleaved):
         # the training loss counts exactly those targets: shifting by one never puts an aa in the loss
         V = v.size
         logits = torch.randn(ids.shape[0], ids.shape[1], V)
-        loss_sum, _ = token_stats(logits, b.labels, v.struct_offset)
+        loss_sum, _ = token_stats(logits, b.labels)
         lp = torch.log_softmax(logits[:, :-1], -1)
         tgt = torch.from_numpy(ids[:, 1:])
         keep = torch.from_numpy(v.loss_mask(ids[:, 1:]) & (lab[:, 1:] != IGNORE_INDEX))

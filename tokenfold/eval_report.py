@@ -1,8 +1,10 @@
 """Stage 06's report: the work parts of an `Evaluation` merged into aggregate numbers and files.
 
-`finalize` fits the train-split baselines, aggregates token accuracy (free-running and teacher-forced),
-perplexity, the baselines' accuracy, the 3Di confusion matrix and, for decodable kinds, the trace
-metrics of the predicted, ceiling and baseline traces; then writes the per-protein table, the
+`finalize` fits the train-split baselines, aggregates token accuracy (free-running and teacher-forced;
+for struct2seq this is native sequence recovery, per residue and per protein, binned by length),
+perplexity, the baselines' accuracy, the 3Di confusion matrix (struct2seq: the 20x20 amino-acid
+substitution matrix), the self-consistency agreement (struct2seq with a folding checkpoint) and, for
+decodable seq2struct kinds, the trace metrics of the predicted, ceiling and baseline traces; then writes the per-protein table, the
 skipped examples, the predictions, the pred-vs-true PDB files, the pictures (`tokenfold.eval_plots`)
 and ``metrics.json`` last. Files: see data/README.md, section stage 06.
 """
@@ -19,7 +21,9 @@ from .cli import die
 from .eval_plots import confusion_plot, structure_plots, token_plots
 from .evaluate import TRACES, Evaluation
 from .inference import DECODABLE, safe_name, write_ca_pdb
-from .metrics import DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, summarize
+from .metrics import (DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, length_bin_labels,
+                      summarize)
+from .vocab import AA_LETTERS, N_AA_DESIGN
 
 log = logging.getLogger("tokenfold.eval_report")
 
@@ -32,8 +36,15 @@ STRUCTURE_NOTE = (
     "RMSD superposition; rmsd_seg: each segment between chain breaks of the true chain superposed "
     "on its own (tokens cannot place segments relative to each other across a gap).")
 UNCONSTRAINED_NOTE = (
-    "greedy free decoding over the whole vocabulary (amino acids still fed in the interleaved layout); "
-    "valid = only structure tokens before the end; length match = valid, exactly L, then <eos>")
+    "greedy free decoding over the whole vocabulary (source tokens still fed in the interleaved layout); "
+    "valid = only target tokens (structure tokens; struct2seq: amino acids) before the end; length match = valid, "
+    "exactly L, then <eos>")
+CONSISTENCY_NOTE = (
+    "self-consistency (a cheap analogue of scTM): the seq2struct checkpoint folds each designed sequence into "
+    "structure tokens (constrained greedy decoding); agreement_designed = fraction equal to the input's tokens. "
+    "agreement_native = the same for the native sequence: what that folding model reaches on real sequences, "
+    "the reference to read agreement_designed against")
+X_CODE = AA_LETTERS.index("X")
 
 
 def finalize(ev: Evaluation) -> dict:
@@ -52,31 +63,38 @@ def finalize(ev: Evaluation) -> dict:
     if base is not None:
         base.save(out / "baselines.npz")
     lengths = np.array([len(a) for a in P["aa"]])
-    acc = np.array([np.mean(p == t) for p, t in zip(P["pred_codes"], P["true_codes"])])
-    tf_acc = np.array([np.mean(p == t) for p, t in zip(P["tf_codes"], P["true_codes"])])
+    # the residues scored: all, except (struct2seq) those whose native amino acid is unknown (X)
+    scored = [t != X_CODE if v.inverse else np.ones(len(t), bool) for t in P["true_codes"]]
+    hits = lambda preds, truth=P["true_codes"]: [(p == t)[k] for p, t, k in zip(preds, truth, scored)]  # noqa: E731
+    acc = per_protein(hits(P["pred_codes"]))
+    tf_acc = per_protein(hits(P["tf_codes"]))
     ppl = np.exp(P["nll"] / P["n_targets"])
-    base_pred = {b: [base.predict(b, a) for a in P["aa"]] for b in names}
-    base_acc = {b: np.array([np.mean(p == t) for p, t in zip(base_pred[b], P["true_codes"])]) for b in names}
-    all_true = np.concatenate(P["true_codes"])
-    all_pred = np.concatenate(P["pred_codes"])
-    micro = lambda pr: float(np.mean(np.concatenate(pr) == all_true))  # noqa: E731
+    base_pred = {b: [base.predict(b, x) for x in P["src_codes"]] for b in names}
+    base_acc = {b: per_protein(hits(base_pred[b])) for b in names}
     tokens = {
-        "accuracy": float(np.mean(all_pred == all_true)),
-        "accuracy_mean_per_protein": float(acc.mean()),
-        "teacher_forced_accuracy": micro(P["tf_codes"]),
+        "accuracy": micro(hits(P["pred_codes"])),
+        "accuracy_mean_per_protein": float(np.nanmean(acc)),
+        "teacher_forced_accuracy": micro(hits(P["tf_codes"])),
         "perplexity": float(np.exp(P["nll"].sum() / P["n_targets"].sum())),
-        "perplexity_note": "exp(mean NLL of the true structure tokens and <eos>, teacher-forced, full vocabulary)",
-        "baselines": {b: {"accuracy": micro(base_pred[b]),
-                          "accuracy_mean_per_protein": float(base_acc[b].mean())} for b in names},
-        "baseline_fit": ({**base.meta, "most_frequent_token": v.struct_symbols[base.most_frequent]}
+        "perplexity_note": ("exp(mean NLL of the true target tokens (" + ("amino acids" if v.inverse else
+                            "structure tokens") + ") and <eos>, teacher-forced, full vocabulary)"),
+        "generated_loglik_per_residue": float(P["loglik"].sum() / lengths.sum()),
+        "baselines": {b: {"accuracy": micro(hits(base_pred[b])),
+                          "accuracy_mean_per_protein": float(np.nanmean(base_acc[b]))} for b in names},
+        "baseline_fit": ({**base.meta, "most_frequent_token": v.target_symbols[base.most_frequent]}
                          if base is not None else "no train split: no baselines"),
         "accuracy_by_length": binned(lengths, acc),
+        "accuracy_by_length_per_residue": binned_residues(lengths, hits(P["pred_codes"])),
     }
+    if v.inverse:
+        tokens["note"] = ("struct2seq: accuracy = native sequence recovery (designed amino acid = native), per residue "
+                          "(accuracy) and per protein (accuracy_mean_per_protein); residues whose native amino acid "
+                          f"is unknown (X) are not scored ({sum(int((~k).sum()) for k in scored)} here)")
     tokens["beats_baselines"] = {b: tokens["accuracy"] > tokens["baselines"][b]["accuracy"] for b in names}
     metrics = {
         "stage": "06_evaluate", "config_hash": ev.fp_hash, "checkpoint": str(ev.ckpt), "tokens": str(ev.tokens),
-        "db": str(cfg.db), "split": cfg.split, "kind": v.kind, "interleaved": v.interleaved, "n_struct": v.n_struct,
-        "n_proteins": n, "n_residues": int(lengths.sum()), "n_skipped": len(P["skipped"]),
+        "db": str(cfg.db), "split": cfg.split, "kind": v.kind, "direction": v.direction, "interleaved": v.interleaved,
+        "n_struct": v.n_struct, "n_proteins": n, "n_residues": int(lengths.sum()), "n_skipped": len(P["skipped"]),
         "skipped": [{"id": a, "reason": b} for a, b in P["skipped"][:100]],
         "decoding": {"constrained": True, **asdict(cfg.decoding.sampling())},
         "random_weights_upstream": bool(v.meta.get("random_weights", False)),
@@ -89,22 +107,43 @@ def finalize(ev: Evaluation) -> dict:
         metrics["unconstrained"] = {"validity_rate": float(P["unc_valid"].mean()),
                                     "length_match_rate": float(P["unc_length_match"].mean()),
                                     "note": UNCONSTRAINED_NOTE}
-    if v.kind == "3di":
-        cm = confusion_matrix(all_pred, all_true, v.n_struct)
-        metrics["confusion_matrix"] = {"letters": v.struct_symbols, "rows": "true", "columns": "predicted",
+    per_protein_cols = {"accuracy": acc, "tf_accuracy": tf_acc, "perplexity": ppl,
+                        "loglik": P["loglik"], **{f"acc_{b}": base_acc[b] for b in names}}
+    if "cons_codes" in P:   # struct2seq: the source codes are the input structure tokens
+        cons = {k: per_protein(hits(P[c], P["src_codes"])) for k, c in
+                (("cons_agreement", "cons_codes"), ("cons_native_agreement", "cons_native_codes"))}
+        metrics["self_consistency"] = {
+            "checkpoint": str(ev.fold_ckpt), "agreement_designed": micro(hits(P["cons_codes"], P["src_codes"])),
+            "agreement_native": micro(hits(P["cons_native_codes"], P["src_codes"])),
+            "agreement_designed_mean_per_protein": float(np.nanmean(cons["cons_agreement"])),
+            "agreement_native_mean_per_protein": float(np.nanmean(cons["cons_native_agreement"])),
+            "note": CONSISTENCY_NOTE}
+        per_protein_cols.update(cons)
+    pred_all, true_all = (np.concatenate([x[k] for x, k in zip(P[key], scored)]) for key in ("pred_codes", "true_codes"))
+    letters = None
+    if v.inverse:
+        letters = list(v.target_symbols[:N_AA_DESIGN])
+        cm = confusion_matrix(pred_all, true_all, N_AA_DESIGN)
+        metrics["substitution_matrix"] = {"letters": letters, "rows": "native", "columns": "designed",
+                                          "counts": cm.tolist()}
+    elif v.kind == "3di":
+        letters = v.struct_symbols
+        cm = confusion_matrix(pred_all, true_all, v.n_struct)
+        metrics["confusion_matrix"] = {"letters": letters, "rows": "true", "columns": "predicted",
                                        "counts": cm.tolist()}
-    decodable = v.kind in DECODABLE
+    decodable = v.kind in DECODABLE and not v.inverse
     if decodable:
         metrics["structure"] = structure_metrics(P["trace_metrics"], lengths, P["n_breaks"])
-    per_protein = {"accuracy": acc, "tf_accuracy": tf_acc, "perplexity": ppl,
-                   **{f"acc_{b}": base_acc[b] for b in names}}
-    write_text_atomic(out / "per_protein.tsv", per_protein_table(P, lengths, per_protein, cfg.unconstrained, decodable))
+    write_text_atomic(out / "per_protein.tsv", per_protein_table(P, lengths, per_protein_cols, cfg.unconstrained,
+                                                                 decodable))
     write_text_atomic(out / "skipped.tsv", "id\treason\n" + "".join(f"{a}\t{b}\n" for a, b in P["skipped"]))
     write_text_atomic(out / "predictions.fasta",
-                      "".join(f">{P['ids'][i]}\n{v.symbols(P['pred_codes'][i])}\n" for i in range(n)))
-    pngs = token_plots(out, lengths, acc, base_acc, tokens)
-    if v.kind == "3di":
-        pngs.append(confusion_plot(out / "confusion_3di.png", cm, v.struct_symbols))
+                      "".join(f">{P['ids'][i]}\n{v.target_text(P['pred_codes'][i])}\n" for i in range(n)))
+    pngs = token_plots(out, lengths, acc, base_acc, tokens, "sequence recovery" if v.inverse else "token accuracy")
+    if letters is not None:
+        pngs.append(confusion_plot(out / ("substitution_matrix.png" if v.inverse else "confusion_3di.png"), cm, letters,
+                                   "amino acid" if v.inverse else "3Di", ("native", "designed") if v.inverse
+                                   else ("true", "predicted")))
     if decodable:
         metrics["pdb_files"] = len(write_pdbs(out / "pdb", P, cfg.n_pdb, v.meta.get("WARNING")))
         pngs += structure_plots(out, lengths, P["trace_metrics"], P, cfg.n_pictures)
@@ -114,6 +153,27 @@ def finalize(ev: Evaluation) -> dict:
     write_report(out / "metrics.json", metrics)
     log.info("finalize: %s", summary_line(metrics))
     return metrics
+
+
+def per_protein(hits: list[np.ndarray]) -> np.ndarray:
+    """Fraction correct per protein (NaN for a protein without a scored residue)."""
+    return np.array([h.mean() if len(h) else np.nan for h in hits])
+
+
+def micro(hits: list[np.ndarray]) -> float:
+    """Fraction correct over all scored residues."""
+    return float(np.concatenate(hits).mean())
+
+
+def binned_residues(lengths, hits: list[np.ndarray], edges=DEFAULT_LENGTH_BINS) -> list[dict]:
+    """Per length bin: proteins, scored residues and the fraction of them correct (empty bins left out)."""
+    idx = np.searchsorted(np.asarray(edges), np.asarray(lengths), side="right") - 1
+    out = []
+    for b, label in enumerate(length_bin_labels(edges)):
+        h = [hits[i] for i in np.flatnonzero(idx == b)]
+        if h and sum(len(x) for x in h):
+            out.append({"bin": label, "n": len(h), "residues": int(sum(len(x) for x in h)), "accuracy": micro(h)})
+    return out
 
 
 def structure_metrics(tm: np.ndarray, lengths: np.ndarray, n_breaks: np.ndarray) -> dict:
@@ -156,10 +216,15 @@ def _fmt(x) -> str:
 def summary_line(m: dict) -> str:
     """The one-line summary of metrics.json that stage 06 prints."""
     t = m["tokens_metrics"]
+    what = "sequence recovery" if m.get("direction") == "struct2seq" else "accuracy"
     s = ("[RANDOM WEIGHTS upstream: see metrics.json WARNING] " if m.get("WARNING") else "") + (
-         f"{m['n_proteins']} proteins, accuracy {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
+         f"{m['n_proteins']} proteins, {what} {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
          f"perplexity {t['perplexity']:.2f}); baselines "
          + ", ".join(f"{b} {d['accuracy']:.3f}" for b, d in t["baselines"].items()))
+    if "self_consistency" in m:
+        c = m["self_consistency"]
+        s += (f"; self-consistency: designed {c['agreement_designed']:.3f} of the input's tokens "
+              f"(native sequences: {c['agreement_native']:.3f})")
     if "structure" in m:
         p, c = m["structure"]["pred"], m["structure"]["ceiling"]
         if p["rmsd"].get("n"):

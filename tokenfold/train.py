@@ -200,7 +200,8 @@ class Trainer:
                 "train_examples": len(self.train_ds), "train_tokens": self.train_ds.n_tokens,
                 "val_examples": len(self.val_ds) if self.val_ds is not None else 0,
                 "padding_fraction_epoch0": s.padding_fraction(), "truncated_examples": s.n_truncated,
-                "vocab": {"kind": self.vocab.kind, "size": self.vocab.size, "interleaved": self.vocab.interleaved},
+                "vocab": {"kind": self.vocab.kind, "size": self.vocab.size, "interleaved": self.vocab.interleaved,
+                          "direction": self.vocab.direction},
                 "exit_status": {"finished": EXIT_OK, "stopped_requeue": EXIT_REQUEUE}})
         self.train_log.start(self.step if resumed else None)
         if self.cfg.wandb:
@@ -254,7 +255,7 @@ class Trainer:
             with contextlib.nullcontext() if (last or not dist.enabled) else self.module.no_sync():
                 with self.autocast():
                     logits = self.module(**b.model_inputs(dev), use_cache=False).logits
-                loss_sum, correct = token_stats(logits, b.labels, self.vocab.struct_offset)
+                loss_sum, correct = token_stats(logits, b.labels)
                 # DDP averages over ranks; times world_size makes it the gradient of the global mean
                 (loss_sum * (dist.world_size / n_loss_global)).backward()
             loss_local += loss_sum.detach().double()
