@@ -58,7 +58,7 @@ class EvalConfig:
 
     checkpoint: str = option(help="checkpoint dir or run dir of stage 05 (default data/runs/<run>/final)")
     out: str = option(help="output dir (default data/eval/<run>)")
-    tokens: str | None = option(None, "token shards dir (default data/tokens/<kind>[_interleaved])")
+    tokens: str | None = option(None, "token shards dir (default data/tokens/<kind>[_interleaved][_struct2seq])")
     db: str | None = option(None, "protein DB with the true C-alpha (default: the DB the token manifest names, "
                                   f"else {layout.DB})")
     split: str = option("test", "split to evaluate", choices=("test", "val", "train"))
