@@ -263,3 +263,33 @@ def test_predict_designs_from_structure_files_and_3di(design_setup, tmp_path):
     assert sorted(len(s) for h, s in recs if "recovery=" in h) == sorted(len(a) for a in chains for _ in range(3))
     rejects = dict(ln.split("\t") for ln in (tmp_path / "d" / "rejects.tsv").read_text().splitlines()[1:])
     assert set(rejects) == {"junk.pdb", "bad", "empty"}
+
+
+def test_predict_designs_from_geo_tokens_of_a_structure_file(geo_setup, small_db, tmp_path):
+    """A geo struct2seq checkpoint tokenizes a PDB file with its own geo codebook: the reported
+    log-likelihood is the model's for the design given exactly those geo tokens."""
+    import torch
+
+    from conftest import small_db_inputs
+    from tokenfold.checkpoint import load_for_inference
+    from tokenfold.geotokens import GeoCodebook
+    from tokenfold.predict import main
+    from tokenfold.structure import parse_structure_file
+
+    root, _, _ = geo_setup
+    tok = tokenize(small_db, tmp_path / "tok", "geo", direction="struct2seq", geo_k=64, geo_refine_iters=1,
+                   geo_codebook=str(root / "geo_K64.npz"))   # the geo_setup codebook (same fit: reused)
+    v = Vocab.load(tok)
+    ckpt = random_checkpoint(v, tmp_path / "ckpt_RANDOM")
+    f = small_db_inputs()[0]
+    assert main(["--checkpoint", str(ckpt), "--structures", str(f), "--out", str(tmp_path / "d")]) == 0
+    head, seq = (tmp_path / "d" / "designs.fasta").read_text().splitlines()[:2]
+    chain = next(c for c in parse_structure_file(f).chains if len(c))
+    codes = GeoCodebook.from_vocab(v, tok).encode(chain.ca, chain.gap_before)
+    model, _ = load_for_inference(ckpt, device="cpu")
+    ids = torch.as_tensor(v.encode(seq, codes))
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), -1)
+    on = torch.as_tensor(v.is_target(ids[1:].numpy()))
+    expected = float(lp[torch.arange(len(ids) - 1), ids[1:]][on].sum())
+    assert float(dict(w.split("=") for w in head.split()[1:])["loglik"]) == pytest.approx(expected, abs=2e-3)
