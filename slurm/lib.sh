@@ -4,6 +4,7 @@
 #   tf_load_config FILE       export a config file's values (read by tokenfold/config.py; the environment wins)
 #   tf_cmd / tf_python        a stage's command line / run it (srun when a job has several tasks)
 #   tf_words VAR              split a *_ARGS value into words, quotes respected
+#   tf_run_requeueable MAX    run TF_CMD (training) passing SLURM's signals on; requeue the job after USR1
 #
 # The stage table and the job plan live in tokenfold/pipeline.py; run_pipeline.sh asks it for the plan
 # and does the submitting. Nothing here submits jobs.
@@ -82,4 +83,51 @@ tf_words() {
   [ -n "$v" ] || return 0
   "$PY" -c 'import shlex, sys; shlex.split(sys.argv[1])' "$v" || tf_die "cannot split $1 (unbalanced quotes?): $v"
   mapfile -d '' -t TF_WORDS < <("$PY" -c 'import shlex, sys; sys.stdout.write("".join(w + "\0" for w in shlex.split(sys.argv[1])))' "$v")
+}
+
+# tf_run_requeueable MAX_REQUEUES: run TF_CMD (a training command: tokenfold/stop.py) so that it can
+# be stopped and requeued. It runs in the background, so that this batch shell can catch SLURM's
+# warning signal (--signal=B:USR1@secs) and SIGTERM and pass them on; the command then saves a
+# checkpoint and exits 124. After USR1 the job requeues itself (scontrol requeue; at most
+# MAX_REQUEUES times, counted by SLURM_RESTART_COUNT) and the next start resumes from that
+# checkpoint. A job stopped by SIGTERM is not requeued here: SLURM requeues preempted jobs itself,
+# and a cancelled job stays cancelled. Returns the command's status (0 once a requeue is asked for).
+TF_EXIT_REQUEUE=124   # tokenfold/stop.py EXIT_REQUEUE: stopped after saving, rerun to resume
+tf_forward() {
+  TF_TRAPPED=1; if [ "$1" = TERM ]; then TF_GOT_TERM=1; else TF_GOT_USR1=1; fi
+  tf_log "got SIG$1: asking training to save a checkpoint and stop"
+  kill -s "$1" "$TF_CHILD" 2>/dev/null || true
+}
+tf_run_requeueable() {
+  local max=$1 rc
+  "${TF_CMD[@]}" &
+  TF_CHILD=$!
+  TF_GOT_USR1=0; TF_GOT_TERM=0; TF_TRAPPED=0
+  trap 'tf_forward USR1' USR1
+  trap 'tf_forward TERM' TERM
+  while :; do
+    wait "$TF_CHILD"; rc=$?
+    # a trapped signal cuts `wait` short (status > 128) while training is still saving: wait again
+    if [ "$TF_TRAPPED" = 1 ]; then TF_TRAPPED=0; kill -0 "$TF_CHILD" 2>/dev/null && continue; fi
+    break
+  done
+  # After the warning signal any non-zero status means "stopped; the newest checkpoint is intact":
+  # - with several ranks, srun --kill-on-bad-exit terminates the ranks still exiting once the first one
+  #   has exited 124 (after the save and its barrier), so srun reports their status, not 124;
+  # - USR1 before training installed its handler (still importing torch) kills it (128 + 10): nothing
+  #   new was saved, but requeueing resumes from the newest checkpoint just the same.
+  if [ "$TF_GOT_USR1" = 1 ] && [ "$rc" != 0 ] && [ "$rc" != "$TF_EXIT_REQUEUE" ]; then
+    tf_log "training ended with status $rc after SIGUSR1 (a rank stopped by srun, or still starting up): treated as status $TF_EXIT_REQUEUE"
+    rc=$TF_EXIT_REQUEUE
+  fi
+  if [ "$rc" = "$TF_EXIT_REQUEUE" ] && [ -n "${SLURM_JOB_ID:-}" ] && [ "$TF_GOT_TERM" = 0 ]; then
+    if [ "${SLURM_RESTART_COUNT:-0}" -ge "$max" ]; then
+      tf_die "stopped with a checkpoint, but already requeued ${SLURM_RESTART_COUNT} times (max $max); resubmit to continue"
+    fi
+    tf_log "training stopped (status $rc): requeueing job $SLURM_JOB_ID; it resumes from the newest checkpoint"
+    scontrol requeue "$SLURM_JOB_ID" && return 0
+    tf_die "scontrol requeue $SLURM_JOB_ID failed; resubmit this script to resume from the checkpoint"
+  fi
+  [ "$rc" = "$TF_EXIT_REQUEUE" ] && tf_log "training saved a checkpoint and stopped; run the same command again to resume"
+  return "$rc"
 }

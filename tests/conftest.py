@@ -126,3 +126,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- stage 05 --init-from
+@pytest.fixture(scope="session")
+def random_llm(tmp_path_factory):
+    """random_llm("llama" | "qwen2") -> directory of a tiny RANDOMLY INITIALISED LLM + BPE tokenizer in the
+    files a Hugging Face download has (tokenfold/random_llm.py); built once per session and arch."""
+    from tokenfold.random_llm import write_random_llm
+
+    made = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in made:
+            made[arch] = write_random_llm(tmp_path_factory.mktemp("llm") / f"{arch}_RANDOM_seed0", arch)
+        return made[arch]
+    return get

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tokenfold.batching import budget_batches
+from tokenfold.batching import budget_batches, budget_cuts
 
 
 def _flat(batches):
@@ -33,3 +33,22 @@ def test_padded_refuses_an_unsorted_order_and_handles_edge_cases():
         budget_batches([5, 10], 100, order=[0, 1])
     assert budget_batches([], 100) == []
     assert [b.tolist() for b in budget_batches([0, 0, 0], 10, max_rows=2)] == [[0, 1], [2]]
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_segments_are_cut_independently_like_separate_calls(padded):
+    """budget_cuts over many segments at once (stage 05's windows) = one budget_batches call per segment."""
+    rng = np.random.default_rng(0)
+    sizes, segs = [], [0]
+    for _ in range(40):
+        s = rng.integers(0, 300, int(rng.integers(0, 30)))
+        sizes.append(np.sort(s)[::-1] if padded else s)
+        segs.append(segs[-1] + len(s))
+    cuts = budget_cuts(np.concatenate(sizes), 700, padded=padded, segments=segs)
+    want = [0]
+    for s, start in zip(sizes, segs):
+        for b in budget_batches(s, 700, padded=padded, order=np.arange(len(s))):
+            want.append(start + int(b[-1]) + 1)
+    assert cuts.tolist() == want
+    with pytest.raises(ValueError, match="segments"):
+        budget_cuts([3, 2], 10, segments=[0, 1])

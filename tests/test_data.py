@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import foldseek_chains, write_threedi_tokens
+from tokenfold.batching import budget_batches
 from tokenfold.data import TrainStream, padding_fraction, pick_layout, plan_epoch
 from tokenfold.shards import TokenDataset, TokenShardWriter
 from tokenfold.vocab import Vocab
@@ -27,6 +28,33 @@ def test_plan_is_seeded_complete_and_bucketed():
     assert pad < 0.05 < padding_fraction(rand, lengths, "padded") and ref_pad > 0.5
     p = plan_epoch(lengths, 8192, "packed", seed=1, epoch=0)
     assert all(lengths[b].sum() <= 8192 for b in p) and padding_fraction(p, lengths, "packed") == 0.0
+
+
+def _plan_per_window(lengths, max_tokens, layout, seed, epoch, window):
+    """The planner as first written (one budget_batches call per window), the reference of the vectorised one."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = order[w: w + window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(budget_batches(lengths, max_tokens, padded=layout == "padded", order=chunk))
+    return [batches[k] for k in rng.permutation(len(batches))]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_vectorised_plan_equals_the_per_window_planner(layout, monkeypatch):
+    monkeypatch.setattr("tokenfold.data.PLAN_BLOCK", 1000)   # several blocks of windows, as at scale
+    real = np.array([2 * len(aa) + 4 for _, aa, _ in foldseek_chains()])
+    rng = np.random.default_rng(0)
+    for seed, window, max_tokens in ((0, 64, 4096), (1, 333, 9000), (2, 4096, 2500), (3, 1, 3000)):
+        lengths = np.minimum(rng.choice(real, 5000), 2048)
+        lengths[:7] = 2
+        got = plan_epoch(lengths, max_tokens, layout, seed, epoch=seed % 2, window=window)
+        want = _plan_per_window(lengths, max_tokens, layout, seed, seed % 2, window)
+        assert [b.tolist() for b in got] == [b.tolist() for b in want]
+        assert padding_fraction(got, lengths, layout) == padding_fraction(want, lengths, layout)
+        assert got.order.dtype == np.int32 and got[0].dtype == np.int64
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.3])
@@ -92,3 +120,27 @@ def test_layout_follows_attention_and_packed_rows_need_a_varlen_kernel(monkeypat
     with pytest.raises(ValueError, match="packed layout needs flash_attention_2"):
         pick_layout("sdpa", "packed")
     assert pick_layout("flash_attention_2", "packed") == "packed"
+
+
+def test_loader_workers_give_the_same_steps_and_resume(tmp_path):
+    """DataLoader workers read ahead: same batches (order, noise), across an epoch boundary and a resume."""
+    tok = write_threedi_tokens(tmp_path / "tok", {"train": foldseek_chains(30, 160)[:40]}, shard_size=16)
+    ds, v = TokenDataset(tok, "train"), Vocab.load(tok)
+    kw = dict(max_tokens=900, max_len=1024, layout="padded", seed=2, grad_accum=2, world_size=2, rank=1,
+              input_noise=0.3)
+    plain, ahead = TrainStream(ds, v, **kw), TrainStream(ds, v, workers=2, **kw)
+    n = plain.steps_per_epoch() + 3
+    want = [[b.input_ids.tolist() for b in plain.next_step()] + [plain.state()] for _ in range(n)]
+    got = [[b.input_ids.tolist() for b in ahead.next_step()] + [ahead.state()] for _ in range(n)]
+    assert got == want and want[-1][-1]["epoch"] >= 1
+    ahead.load_state(want[1][-1])                 # back to step 2, as a resumed run does
+    assert [b.input_ids.tolist() for b in ahead.next_step()] == want[2][:-1]
+    ahead.close()
+
+
+def test_stream_never_loads_the_ids(tmp_path):
+    tok = write_threedi_tokens(tmp_path / "tok", {"train": foldseek_chains(30, 160)[:20]}, shard_size=8)
+    ds, v = TokenDataset(tok, "train"), Vocab.load(tok)
+    s = TrainStream(ds, v, max_tokens=900, max_len=1024, layout="padded", seed=0)
+    s.next_step()
+    assert ds._columns == {} and s.index is None and s.lengths.dtype == np.int32

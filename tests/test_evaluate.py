@@ -124,6 +124,25 @@ def test_bad_examples_are_skipped_and_recorded(geo_setup, small_db, tmp_path):
     assert len((tmp_path / "e" / "skipped.tsv").read_text().splitlines()) == 3
 
 
+def test_each_db_shard_is_read_once_per_task(geo_setup, small_db, tmp_path, monkeypatch):
+    """Many work units per DB shard; the shard's arrays are loaded once for all of them, then released."""
+    from tokenfold.db import DBShard
+    from tokenfold.evaluate import EvalConfig, Evaluation
+
+    root, tok, ckpt = geo_setup
+    ev = Evaluation(EvalConfig(checkpoint=str(ckpt), out=str(tmp_path / "e"), tokens=str(tok), db=str(small_db),
+                               split="train", chunk_size=2))
+    todo = ev.todo_units()
+    shards = {k for k, _, _ in todo}
+    loads, arrays = [], DBShard.arrays.fget
+    monkeypatch.setattr(DBShard, "arrays", property(lambda sh: (sh._a is None and loads.append(sh.path), arrays(sh))[1]))
+    got = [(k, len(rows), skipped) for k, _, rows, skipped in ev.unit_rows(todo)]
+    assert len(todo) > 2 * len(shards) and sorted(loads) == sorted(ev.db.shards[k].path for k in shards)
+    assert all(ev.db.shards[k]._a is None for k in shards)                        # released after the last unit
+    assert sum(n for _, n, _ in got) == len(ev.ds) and not any(s for _, _, s in got)
+    assert ev.ds._columns.keys() <= {"db_index"}                                   # ids read one shard at a time
+
+
 def test_resume_and_array_tasks_equal_one_uninterrupted_run(geo_setup, small_db, tmp_path):
     root, tok, ckpt = geo_setup
     common = ["--checkpoint", ckpt, "--tokens", tok, "--db", small_db, "--chunk-size", "2", "--split", "val",

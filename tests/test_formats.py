@@ -1,4 +1,6 @@
 """The on-disk contracts between stages: protein DB shards, vocabulary, token shards."""
+import pickle
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,11 @@ def test_token_shards_roundtrip(tmp_path):
     assert index.exists()
     w = TokenShardWriter(tmp_path, "train", 1); w.add(ex[1], "p3", 11, 2); w.close()
     ds = TokenDataset(tmp_path, "train")
+    # the index columns are read only when asked for: one shard's by meta(i), all by the properties
+    assert ds.meta(2) == ("p3", 11, 0, 2) and ds.meta(1) == ("p2", 9, 4, 2) and ds._columns == {}
+    assert ds.shard_of(1) == 0 and ds.shard_of(2) == 1 and ds[-1].tolist() == ex[1].tolist()
+    again = pickle.loads(pickle.dumps(ds))         # DataLoader workers started with spawn: no token data copied
+    assert len(pickle.dumps(ds)) < 2000 and [again[i].tolist() for i in range(3)] == [ds[i].tolist() for i in range(3)]
     assert len(ds) == 3 and ds.ids.tolist() == ["p1", "p2", "p3"]
     for i, e in enumerate([ex[0], ex[1], ex[1]]):
         assert ds[i].tolist() == e.tolist()

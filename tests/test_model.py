@@ -18,23 +18,26 @@ def _meta_model(preset, vocab, **overrides):
 
 def test_presets_have_the_published_shapes():
     v = Vocab.for_kind("3di")
-    # with their own vocabularies the two published shapes have exactly the published parameter counts
+    # with their own vocabularies the published shapes have exactly the published parameter counts
     tl = _meta_model("tinyllama-1.1b", v, vocab_size=32000)
     assert count_params(tl) == 1_100_048_384
     c = tl.config
     assert (c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
             c.max_position_embeddings, c.tie_word_embeddings) == (22, 2048, 5632, 32, 4, 2048, False)
-    l3 = _meta_model("llama3.2-1b", v, vocab_size=128256)
-    assert count_params(l3) == 1_235_814_400
-    c = l3.config
-    rope = c.rope_parameters if hasattr(c, "rope_parameters") else {**c.rope_scaling, "rope_theta": c.rope_theta}
-    assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == (16, 8, 64, True)
-    assert rope["rope_type"] == "llama3" and rope["factor"] == 32.0 and rope["rope_theta"] == 500000.0
-    assert rope["original_max_position_embeddings"] == 8192
+    # Llama 3 shapes: parameters, layers, KV heads, head_dim, tied head, RoPE scaling factor
+    for name, n, shape, factor in (("llama3.2-1b", 1_235_814_400, (16, 8, 64, True), 32.0),
+                                   ("llama3.1-8b", 8_030_261_248, (32, 8, 128, False), 8.0)):
+        m = _meta_model(name, v, vocab_size=128256)
+        assert count_params(m) == n
+        c = m.config
+        rope = c.rope_parameters if hasattr(c, "rope_parameters") else {**c.rope_scaling, "rope_theta": c.rope_theta}
+        assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.tie_word_embeddings) == shape
+        assert rope["rope_type"] == "llama3" and rope["factor"] == factor and rope["rope_theta"] == 500000.0
+        assert rope["original_max_position_embeddings"] == 8192
     # ours: sized to the vocabulary
     assert 1e6 < count_params(_meta_model("tiny", v)) < 1e7
     assert 5e7 <= count_params(_meta_model("small", v)) <= 1e8
-    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b"}
+    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b", "llama3.1-8b"}
 
 
 def test_overrides_and_flops():

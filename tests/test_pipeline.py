@@ -342,3 +342,32 @@ def test_local_failure_stops_the_chain_and_the_launcher_resumes_it(local_run):
     assert len(res.stages[-1].job_ids) == 3                              # 2 array tasks + finalize
     assert (Path(cfg["EVAL_DIR"]) / "metrics.json").is_file()
     assert str(Path(cfg["EVAL_DIR"]) / "metrics.json") in res.reports()
+
+
+@pytest.mark.parametrize("name, ranks, lora", [("llama31_8b_lora.env", 8, 64), ("qwen_interleaved.env", 4, 0)])
+def test_big_model_configs_plan_and_their_stage05_flags_parse(name, ranks, lora, tmp_path):
+    """The two pretrained-LLM recipes plan (one stage-05 job: one node, one task per GPU, requeued on
+    USR1), and their S05_ARGS are flags stage 05 accepts, with the recipes' settings."""
+    import importlib.util
+
+    from tokenfold.model_setup import check_settings
+
+    cfg = load_config(ROOT / "slurm" / "config" / name, env=clean_env(TOKENFOLD_DATA=tmp_path, USER="alice"))
+    (j05,) = [j for j in plan(cfg) if j.stage == "05"]
+    r = j05.resources
+    assert (r.nodes, r.ntasks_per_node, r.gpus) == ("1", str(ranks), ranks) and cfg["MODEL_PRESET"] == ""
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "05_train_lm.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    tc = cli.config_from_args(cli.build_parser().parse_args(
+        ["--tokens", cfg["TOKENS_DIR"], "--out", cfg["RUN_DIR"], *cfg.words("S05_ARGS")]))
+    check_settings(tc)
+    assert tc.fsdp and tc.grad_checkpointing and tc.init_from and tc.lora_rank == lora
+    if lora:   # Structure Search: r=64, alpha=128, dropout 0.05 on q/k/v/o and gate/up/down; 3Di, plain layout
+        assert (tc.lora_alpha, tc.lora_dropout) == (128, 0.05) and cfg["TOKEN_KIND"] == "3di"
+        assert set(tc.lora_targets.split(",")) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"}
+        assert "--interleaved" not in cfg.words("S04_ARGS") and "02" not in cfg["STAGES"]
+    else:      # the ESM-2 tokenizer project: Qwen, 512 ESM structure tokens, interleaved
+        assert "Qwen" in tc.init_from and cfg["TOKEN_KIND"] == "esm" and cfg["CODEBOOK_K"] == "512"
+        assert "--interleaved" in cfg.words("S04_ARGS") and cfg["TOKENS_DIR"].endswith("esm_interleaved")

@@ -79,7 +79,7 @@ def test_default_settings_hold_every_example_of_the_shared_set(shared_structures
 
     from stage06 import evaluate_cli
     from tokenfold.artifacts import read_json, write_json_atomic
-    from tokenfold.evaluate import EvalConfig, Evaluation, evaluate_chunk
+    from tokenfold.evaluate import EvalConfig, Evaluation, evaluate_chunk, protein_rows
     from tokenfold.inference import Decoding
     from tokenfold.shards import TokenDataset
     from tokenfold.tokenize import TokenizeConfig, run
@@ -104,7 +104,8 @@ def test_default_settings_hold_every_example_of_the_shared_set(shared_structures
         ev = Evaluation(cfg)                                     # nothing refused: every example fits
         i = int(np.argmax(ev.ds.lengths))
         k = int(np.searchsorted(ev.db.shard_starts, ev.ds.db_index[i], side="right") - 1)
-        part = evaluate_chunk(ev.model, ev.vocab, ev.ds, ev.db, k, np.array([i]), cfg, None, None, chunk_seed=0)
+        rows, skipped = protein_rows(ev.ds, ev.db.shards[k], np.array([i]), ev.vocab)
+        part = evaluate_chunk(ev.model, ev.vocab, rows, skipped, cfg, None, None, chunk_seed=0)
         assert json.loads(str(part["skipped"])) == [] and len(part["pred_codes"]) == len(part["true_codes"]) == 1024
     finally:
         torch.set_num_threads(n)

@@ -4,11 +4,25 @@ A checkpoint is a directory (where a run keeps them: data/README.md, section sta
 
     config.json, generation_config.json, model.safetensors    `save_pretrained` (fp32 weights):
                                         transformers.AutoModelForCausalLM.from_pretrained(dir) loads it
-    vocab.json                          the vocabulary (tokenfold.vocab.Vocab.load(dir))
+    vocab.json                          the vocabulary (tokenfold.vocab.Vocab.load(dir)); with --init-from
+                                        its "id_offset" places our tokens inside the LLM's (hf_vocab.py)
+    tokenizer.json, tokenizer_config.json   --init-from only: the LLM's tokenizer with our tokens added
     trainer_state.pt                    optimizer, LR scheduler, RNG states of every rank, data
                                         position, step, tokens seen: tensors and plain Python types
                                         only, read with torch.load(weights_only=True)
-    checkpoint.json                     step, tokens, val metrics at save time, run name (readable)
+    checkpoint.json                     step, tokens, val metrics at save time, run name (readable);
+                                        "weights" (below), the run's settings ("train_config")
+
+How the weights are stored ("weights" in checkpoint.json, `weights_kind`):
+
+    hf        model.safetensors as above: every run without --lora-rank / --fsdp, and every final/
+    adapter   --lora-rank: peft's adapter_model.safetensors + adapter_config.json (tokenfold/lora.py)
+              and config.json of the whole model; no model.safetensors
+    sharded   --fsdp: sharded/ (torch.distributed.checkpoint: model + optimizer state, each rank's
+              shards; tokenfold/fsdp.py); trainer_state.pt then holds no optimizer
+
+An adapter or sharded checkpoint becomes a plain (hf) one with ``python -m tokenfold.export``; the
+final/ of such a run is made that way.
 
 A checkpoint is written to a hidden temp directory and renamed into place, so a ``step_*`` directory
 that exists is complete. ``final/`` is replaced the same way. `prune` keeps the newest N.
@@ -27,13 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import write_json_atomic
+from .artifacts import read_json, write_json_atomic
 from .vocab import Vocab
 
 log = logging.getLogger("tokenfold.checkpoint")
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
+INFO = "checkpoint.json"
+WEIGHTS_KINDS = ("hf", "adapter", "sharded")
 
 
 def step_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -58,7 +74,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return cks[-1][1] if cks else None
 
 
-def _replace_dir(tmp: Path, target: Path) -> None:
+def replace_dir(tmp: Path, target: Path) -> None:
     """Move a finished temp directory onto `target` (an existing target is swapped out, then removed)."""
     old = None
     if target.exists():
@@ -71,19 +87,57 @@ def _replace_dir(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save(target: str | os.PathLike, model, vocab: Vocab, trainer_state: dict, info: dict) -> Path:
-    """Write one checkpoint directory atomically (call on the main rank only)."""
+def save(target: str | os.PathLike, model, vocab: Vocab, trainer_state: dict, info: dict, *, tokenizer=None,
+         sharded=None, dist=None) -> Path:
+    """Write one checkpoint directory atomically; every rank calls it (`dist`: tokenfold.distributed.Dist,
+    None for one process). The main rank writes the files: `model` with its save_pretrained (a peft
+    model: its adapter, tokenfold/lora.py; with `sharded`: its config only), `tokenizer` if any.
+    `sharded(directory)` runs on every rank (FSDP: each writes its shards). info["weights"] names the kind."""
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    vocab.save(tmp / "vocab.json")
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    write_json_atomic(tmp / "checkpoint.json", info)
-    _replace_dir(tmp, target)
+    main = dist is None or dist.is_main
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier(dist)
+    if sharded is not None:
+        from .fsdp import SHARDED
+
+        sharded(tmp / SHARDED)
+        _barrier(dist)
+    if main:
+        from .lora import is_peft, save_adapter
+
+        base = model.get_base_model() if is_peft(model) else model
+        if sharded is not None:
+            base.config.save_pretrained(tmp)
+            base.generation_config.save_pretrained(tmp)
+        elif is_peft(model):
+            save_adapter(model, tmp)
+            base.config.save_pretrained(tmp)
+            base.generation_config.save_pretrained(tmp)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        vocab.save(tmp / "vocab.json")
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        write_json_atomic(tmp / INFO, info)
+        replace_dir(tmp, target)
+    _barrier(dist)
     return target
+
+
+def _barrier(dist) -> None:
+    if dist is not None:
+        dist.barrier()
+
+
+def weights_kind(ckpt: str | os.PathLike) -> str:
+    """How a checkpoint holds its weights (module docstring); checkpoints from before the field: hf."""
+    info = Path(ckpt) / INFO
+    return read_json(info).get("weights", "hf") if info.exists() else "hf"
 
 
 def publish(src: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -99,7 +153,7 @@ def publish(src: str | os.PathLike, target: str | os.PathLike) -> Path:
     except OSError:  # no hard links here (another file system, or not supported): copy
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(src, tmp)
-    _replace_dir(tmp, target)
+    replace_dir(tmp, target)
     return target
 
 
@@ -183,6 +237,10 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "au
     from .model import pick_attention
 
     path = resolve(path)
+    kind = weights_kind(path)
+    if kind != "hf":
+        raise ValueError(f"{path} is a training checkpoint with {kind} weights, not a plain model: make one with "
+                         f"python -m tokenfold.export --checkpoint {path} --out DIR (a finished run's final/ is one)")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
     if attn_implementation is None:

@@ -32,7 +32,10 @@ of `window` examples, sort each window by length (longest first), cut it greedil
 under the budget, shuffle the micro-batches. Every rank computes the same plan; a global step takes
 the next ``world_size * grad_accum`` micro-batches and rank r works on its own contiguous
 ``grad_accum`` of them (`TrainStream`). The data position saved in checkpoints is
-(epoch, micro-batch index), independent of the number of ranks.
+(epoch, micro-batch index), independent of the number of ranks. At scale (tens of millions of
+examples on every rank) the plan is made without a Python loop per example or per window, and kept
+flat (`EpochPlan`: 4 bytes per example); `TrainStream` can read and collate steps ahead in DataLoader
+worker processes into pinned memory, with the same batches as without them.
 
 Structure-input noise (`input_noise` = p, off by default): in each training micro-batch, every
 structure token *fed to the model* is replaced, with probability p, by a uniformly random structure
@@ -52,15 +55,21 @@ logged; stage 04 normally crops long chains already).
 """
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import logging
+import signal
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .batching import budget_batches
+from .batching import budget_batches, budget_cuts
 from .shards import TokenDataset
-from .vocab import EOS, IGNORE_INDEX, PAD, Vocab
+from .vocab import IGNORE_INDEX, Vocab
 
 log = logging.getLogger("tokenfold.data")
 
@@ -89,29 +98,71 @@ def _packed_sdpa_supported() -> bool:
 
 
 # ----------------------------------------------------------------------------- planning
+PLAN_BLOCK = 1 << 20   # examples sorted and cut together (whole windows): bounds the planner's scratch memory
+
+
+class EpochPlan(Sequence):
+    """The micro-batches of one epoch, stored flat: `order` (example indices, int32 when they fit: 4
+    bytes per example), `cuts` (batch k of the cut order is ``order[cuts[k]:cuts[k+1]]``) and `perm`
+    (the shuffled batch order). ``plan[j]`` is the j-th micro-batch (an int64 array); slicing gives a
+    list of them."""
+
+    def __init__(self, order: np.ndarray, cuts: np.ndarray, perm: np.ndarray):
+        self.order, self.cuts, self.perm = order, cuts, perm
+
+    def __len__(self) -> int:
+        return len(self.perm)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        k = int(self.perm[j])
+        return self.order[self.cuts[k]: self.cuts[k + 1]].astype(np.int64)
+
+
 def plan_epoch(lengths: np.ndarray, max_tokens: int, layout: str, seed: int, epoch: int,
-               window: int = 4096) -> list[np.ndarray]:
-    """Micro-batches (arrays of example indices) of one epoch; deterministic in (seed, epoch)."""
+               window: int = 4096) -> EpochPlan:
+    """Micro-batches (arrays of example indices) of one epoch; deterministic in (seed, epoch).
+
+    Vectorised (no Python loop per example or per window): windows are sorted by one stable argsort
+    of (window, -length) and cut by one `budget_cuts` call, a block of whole windows at a time."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown batch layout {layout!r}; expected one of {LAYOUTS}")
     lengths = np.asarray(lengths)
-    if len(lengths) and lengths.max() > max_tokens:
+    n = len(lengths)
+    if n and lengths.max() > max_tokens:
         raise ValueError(f"an example of {lengths.max()} tokens exceeds the micro-batch budget of "
                          f"{max_tokens} tokens: raise --max-tokens or lower --max-len")
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    batches: list[np.ndarray] = []
-    for w in range(0, len(order), window):
-        chunk = order[w: w + window]
-        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
-        batches.extend(budget_batches(lengths, max_tokens, padded=layout == "padded", order=chunk))
-    return [batches[k] for k in rng.permutation(len(batches))]
+    perm = rng.permutation(n)
+    order = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    cuts = [np.zeros(0, np.int64)]
+    block = window * max(1, PLAN_BLOCK // window)
+    for b0 in range(0, n, block):
+        chunk = perm[b0: b0 + block]
+        L = lengths[chunk].astype(np.int64)
+        top = int(L.max()) + 1
+        # within each window (consecutive `window` examples of the shuffled order): longest first, ties
+        # in shuffled order, exactly as a stable argsort of -length per window
+        s = np.argsort((np.arange(len(chunk), dtype=np.int64) // window) * top + (top - 1 - L), kind="stable")
+        order[b0: b0 + len(chunk)] = chunk[s]
+        windows = np.append(np.arange(0, len(chunk), window), len(chunk))
+        cuts.append(budget_cuts(L[s], max_tokens, padded=layout == "padded", segments=windows)[:-1] + b0)
+    del perm
+    cuts = np.concatenate(cuts + [np.array([n], np.int64)])
+    return EpochPlan(order, cuts, rng.permutation(len(cuts) - 1))
 
 
-def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray, layout: str) -> float:
+def padding_fraction(batches, lengths: np.ndarray, layout: str) -> float:
     """Fraction of the positions the model computes on that are padding."""
-    if layout == "packed" or not batches:
+    if layout == "packed" or not len(batches):
         return 0.0
+    if isinstance(batches, EpochPlan):
+        sizes = np.asarray(lengths)[batches.order]
+        real = int(sizes.sum(dtype=np.int64))
+        longest = np.maximum.reduceat(sizes, batches.cuts[:-1]).astype(np.int64)
+        positions = int((np.diff(batches.cuts) * longest).sum())
+        return 1.0 - real / positions
     real = sum(int(lengths[b].sum()) for b in batches)
     positions = sum(len(b) * int(lengths[b].max()) for b in batches)
     return 1.0 - real / positions
@@ -136,6 +187,12 @@ class Batch:
             kw["position_ids"] = self.position_ids.to(device, non_blocking=True)
         return kw
 
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked memory (what DataLoader(pin_memory=True) calls), so that the
+        copies of `model_inputs` and the loss's labels overlap with GPU work."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
 
 def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
     """Token arrays -> one micro-batch in the given layout (see the module docstring)."""
@@ -148,7 +205,7 @@ def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
         position_ids = torch.from_numpy(pos)
     elif layout == "padded":
         T = max(lens)
-        ids = np.full((len(examples), T), PAD, dtype=np.int64)
+        ids = np.full((len(examples), T), vocab.pad, dtype=np.int64)
         for r, e in enumerate(examples):
             ids[r, : len(e)] = e
         labels = vocab.labels(ids)   # <pad> is never a target
@@ -175,17 +232,76 @@ def corrupt_structure_inputs(batch: Batch, vocab: Vocab, p: float, rng: np.rando
 
 
 # ----------------------------------------------------------------------------- streams
+class StepJob(NamedTuple):
+    """One global step as far as this rank is concerned: what `StepReader` turns into batches."""
+
+    epoch: int
+    pos_after: int                  # the data position (micro-batch index in the epoch) after this step
+    first: int                      # global index of this rank's first micro-batch (noise seed)
+    batches: list                   # example indices (into the stream's usable examples) per micro-batch
+
+
+class StepReader:
+    """Reads and collates the micro-batches of a `StepJob` (in the training process, or in DataLoader
+    worker processes): tokens from the shards, the batch layout, the seeded input noise."""
+
+    def __init__(self, ds: TokenDataset, vocab: Vocab, layout: str, max_len: int, index: np.ndarray | None,
+                 seed: int, input_noise: float):
+        self.ds, self.vocab, self.layout, self.max_len = ds, vocab, layout, max_len
+        self.index, self.seed, self.input_noise = index, seed, input_noise
+
+    def example(self, i: int) -> np.ndarray:
+        return self.ds[int(i) if self.index is None else int(self.index[i])][: self.max_len]
+
+    def __getitem__(self, job: StepJob) -> tuple[int, int, list[Batch]]:
+        batches = [collate([self.example(i) for i in b], self.vocab, self.layout) for b in job.batches]
+        if self.input_noise > 0:
+            for j, batch in enumerate(batches):
+                rng = np.random.default_rng([self.seed, job.epoch, job.first + j, 0x6E6F6973])  # "nois"
+                corrupt_structure_inputs(batch, self.vocab, self.input_noise, rng)
+        return job.epoch, job.pos_after, batches
+
+
+def _worker_init(_worker_id: int) -> None:
+    """DataLoader workers leave stop signals to the training process: SLURM may signal every process
+    of the job (SIGUSR1's default action would kill a worker), and the trainer saves and exits itself."""
+    for name in ("SIGTERM", "SIGUSR1"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
+def _unchanged(x):
+    return x
+
+
+_OPEN_STREAMS: "weakref.WeakSet[TrainStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_streams() -> None:
+    """Shut loader workers down before multiprocessing's exit handler joins them (they ignore SIGTERM)."""
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
 class TrainStream:
     """The endless, seeded sequence of global steps over the train split, for one rank.
 
     `next_step()` returns this rank's `grad_accum` micro-batches of the next global step. Epochs
     roll over by themselves; the few (< world_size * grad_accum) micro-batches left at the end
     of an epoch are skipped. `state()` / `load_state()` give the data position for checkpoints.
+
+    ``workers`` > 0 reads and collates the steps ahead of time in that many DataLoader worker
+    processes, and ``pin_memory`` puts them in page-locked memory (for the non-blocking copies to a
+    GPU). The batches are the same either way: the steps are planned here, in order, and a worker
+    only reads and collates one step (`StepReader`), with the noise seeded by the step's position.
+    Memory per rank: the dataset's offsets (8 bytes per example), the lengths and the epoch plan
+    (4 + 4 bytes per example); the per-example ids are never loaded.
     """
 
     def __init__(self, ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
                  seed: int, grad_accum: int = 1, world_size: int = 1, rank: int = 0, window: int = 4096,
-                 input_noise: float = 0.0):
+                 input_noise: float = 0.0, workers: int = 0, pin_memory: bool = False):
         if not 0.0 <= input_noise < 1.0:
             raise ValueError(f"structure-input noise must be in [0, 1), got {input_noise}")
         self.input_noise = float(input_noise)
@@ -195,18 +311,26 @@ class TrainStream:
         self.max_tokens, self.max_len, self.seed, self.window = max_tokens, max_len, seed, window
         self.accum, self.world, self.rank = grad_accum, world_size, rank
         self.per_step = grad_accum * world_size
+        self.workers, self.pin_memory = int(workers), bool(pin_memory)
         raw = ds.lengths
-        self.index = np.flatnonzero(raw >= 2)          # an example needs 2 tokens to have a target
-        if len(self.index) < len(ds):
+        usable = raw >= 2                              # an example needs 2 tokens to have a target
+        self.index = None if usable.all() else np.flatnonzero(usable)   # None: every example
+        if self.index is not None:
             log.warning("%d training examples have fewer than 2 tokens: skipped", len(ds) - len(self.index))
-        raw = raw[self.index]
+            raw = raw[self.index]
+        del usable
         self.n_truncated = int((raw > max_len).sum())
         if self.n_truncated:
             log.warning("%d of %d training examples are longer than --max-len %d tokens: truncated",
                         self.n_truncated, len(ds), max_len)
-        self.lengths = np.minimum(raw, max_len)        # per usable example, in the order of self.index
+        # per usable example, in the order of self.index
+        self.lengths = np.minimum(raw, max_len).astype(np.int32 if max_len < 2**31 else np.int64)
+        del raw
+        self.reader = StepReader(ds, vocab, layout, max_len, self.index, seed, self.input_noise)
         self.epoch, self.pos = 0, 0
-        self._plan_epoch, self._plan = -1, []
+        self._plan_epoch, self._plan = -1, None
+        self._n_batches: dict[int, int] = {}
+        self._steps = None
         plan0 = self.plan(0)   # epoch 0 sets the schedule length and the reported padding
         self._steps0 = len(plan0) // self.per_step
         self._padding0 = padding_fraction(plan0, self.lengths, self.layout)
@@ -214,10 +338,12 @@ class TrainStream:
             raise ValueError(f"one epoch makes {len(plan0)} micro-batches, fewer than one step needs "
                              f"({self.per_step} = grad_accum x ranks): lower --max-tokens or --grad-accum")
 
-    def plan(self, epoch: int) -> list[np.ndarray]:
+    def plan(self, epoch: int) -> EpochPlan:
         if epoch != self._plan_epoch:
+            self._plan = None   # free the old plan before making the next one
             self._plan = plan_epoch(self.lengths, self.max_tokens, self.layout, self.seed, epoch, self.window)
             self._plan_epoch = epoch
+            self._n_batches[epoch] = len(self._plan)
         return self._plan
 
     def steps_per_epoch(self) -> int:
@@ -228,30 +354,54 @@ class TrainStream:
         """Fraction of padding positions in epoch 0's micro-batches."""
         return self._padding0
 
+    def epochs_seen(self) -> float:
+        """The data position as a fraction of epochs."""
+        n = self._n_batches.get(self.epoch) or len(self.plan(self.epoch))
+        return self.epoch + self.pos / max(n, 1)
+
     def example(self, i: int) -> np.ndarray:
         """Tokens of usable example i (an index into `lengths`, as in the plan)."""
-        return self.ds[int(self.index[i])][: self.max_len]
+        return self.reader.example(i)
+
+    def jobs(self):
+        """The steps from the current data position on, planned in order (an endless generator)."""
+        epoch, pos = self.epoch, self.pos
+        while True:
+            plan = self.plan(epoch)
+            if pos + self.per_step > len(plan):
+                epoch, pos = epoch + 1, 0
+                plan = self.plan(epoch)
+            first = pos + self.rank * self.accum
+            pos += self.per_step
+            yield StepJob(epoch, pos, first, plan[first: first + self.accum])
+
+    def _start(self):
+        if self.workers <= 0 and not self.pin_memory:
+            return map(self.reader.__getitem__, self.jobs())
+        from torch.utils.data import DataLoader
+
+        _OPEN_STREAMS.add(self)
+        return iter(DataLoader(self.reader, batch_size=None, sampler=self.jobs(), num_workers=self.workers,
+                               collate_fn=_unchanged, pin_memory=self.pin_memory, worker_init_fn=_worker_init,
+                               # its own generator: workers' seeds must not draw from the global torch RNG
+                               generator=torch.Generator().manual_seed(self.seed)))
 
     def next_step(self) -> list[Batch]:
-        plan = self.plan(self.epoch)
-        if self.pos + self.per_step > len(plan):
-            self.epoch, self.pos = self.epoch + 1, 0
-            plan = self.plan(self.epoch)
-        start = self.pos + self.rank * self.accum
-        mine = plan[start: start + self.accum]
-        self.pos += self.per_step
-        batches = [collate([self.example(i) for i in b], self.vocab, self.layout) for b in mine]
-        if self.input_noise > 0:
-            for j, batch in enumerate(batches):
-                rng = np.random.default_rng([self.seed, self.epoch, start + j, 0x6E6F6973])  # "nois"
-                corrupt_structure_inputs(batch, self.vocab, self.input_noise, rng)
+        if self._steps is None:
+            self._steps = self._start()
+        self.epoch, self.pos, batches = next(self._steps)
         return batches
 
     def state(self) -> dict:
         return {"epoch": int(self.epoch), "microbatch": int(self.pos)}
 
     def load_state(self, state: dict) -> None:
+        self.close()
         self.epoch, self.pos = int(state["epoch"]), int(state["microbatch"])
+
+    def close(self) -> None:
+        """Stop reading ahead (DataLoader workers exit); `next_step` starts again from `state()`."""
+        self._steps = None
 
 
 def eval_batches(ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
@@ -271,7 +421,7 @@ def check_vocab(vocab: Vocab, ds: TokenDataset, n_check: int = 64) -> None:
     for i in range(min(n_check, len(ds))):
         x = ds[i]
         if len(x) and int(x.max()) >= vocab.size:
-            raise ValueError(f"{ds.root}: token {int(x.max())} in example {ds.ids[i]} is outside the "
+            raise ValueError(f"{ds.root}: token {int(x.max())} in example {ds.meta(i)[0]} is outside the "
                              f"vocabulary ({vocab.size} tokens)")
-        if len(x) and int(x[-1]) != EOS and len(x) > 1:
-            log.debug("example %s does not end with <eos> (cropped?)", ds.ids[i])
+        if len(x) and int(x[-1]) != vocab.eos and len(x) > 1:
+            log.debug("example %d of %s does not end with <eos> (cropped?)", i, ds.split)

@@ -158,22 +158,26 @@ class Dist:
             self.owns_group = False
 
 
-def init(device: str = "auto", timeout_min: float = 30.0) -> Dist:
-    """Join (or create) the process group; pick this rank's device ('auto': cuda:LOCAL_RANK if any GPU)."""
+def init(device: str = "auto", timeout_min: float = 30.0, group_of_one: bool = False) -> Dist:
+    """Join (or create) the process group; pick this rank's device ('auto': cuda:LOCAL_RANK if any GPU).
+    `group_of_one`: a single process still gets a process group (of one rank, FSDP needs one)."""
     from .device import pick_device
 
     launch = detect_launch()
     dev = pick_device(device, launch.local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if launch.world_size == 1:
-        return Dist(0, 1, 0, dev, launch.launcher)
+        if not group_of_one or dist.is_initialized():
+            return Dist(0, 1, 0, dev, launch.launcher)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Dist(0, 1, 0, dev, launch.launcher, owns_group=True)
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), launch.local_rank, dev, launch.launcher)
     # env:// rendezvous, whoever launched us
     os.environ.update(MASTER_ADDR=str(launch.master_addr), MASTER_PORT=str(launch.master_port),
                       RANK=str(launch.rank), WORLD_SIZE=str(launch.world_size), LOCAL_RANK=str(launch.local_rank))
-    backend = "nccl" if dev.type == "cuda" else "gloo"
     kw = dict(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timedelta(minutes=timeout_min))
     if dev.type == "cuda":
         kw["device_id"] = dev

@@ -21,8 +21,10 @@ trained on:
 
 Work is split into units = (DB shard, chunk of ``--chunk-size`` examples): a SLURM array task takes
 the DB shards `sharding.my_units` gives it and writes one work part per chunk (atomically), so a
-killed run resumes at the first missing part. `tokenfold.eval_report.finalize` merges the parts into
-the report. Files: see data/README.md, section stage 06.
+killed run resumes at the first missing part. A task reads each of its DB shards once, for all of
+that shard's chunks (`Evaluation.unit_rows`), and the proteins' ids and DB positions from the token
+index one shard at a time. `tokenfold.eval_report.finalize` merges the parts into the report,
+streaming them. Files: see data/README.md, section stage 06.
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ from .vocab import Vocab
 log = logging.getLogger("tokenfold.evaluate")
 
 TRACES = ("pred", "ceiling", "base_most_frequent", "base_per_aa")  # decoded traces compared with the truth
+RAGGED = ("true_codes", "src_codes", "pred_codes", "tf_codes", "true_ca", "pred_ca",   # per-protein arrays of a
+          "cons_codes", "cons_native_codes")                                          # part (offsets)
 PART_VERSION = 2
 
 
@@ -158,20 +162,15 @@ def _unragged(data, off) -> list[np.ndarray]:
 
 
 # ----------------------------------------------------------------------------- one chunk
-def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg: EvalConfig, decoder,
-                   base: Baselines | None, chunk_seed: int, folder=None) -> dict:
-    """Everything per protein for the token examples `idx` (all in DB shard `shard`); `folder`: the
-    (model, vocab) of the self-consistency check (struct2seq), or None."""
-    from .generate import generate  # torch: imported when there is work, not for --help
-    from .teacher_forcing import teacher_forced
-
-    sh = db.shards[shard]
+def protein_rows(ds, sh, idx: np.ndarray, vocab: Vocab) -> tuple[list[dict], list[tuple]]:
+    """What the evaluation needs of the token examples `idx` (all in DB shard `sh`): tokens, true
+    C-alpha and chain segments, checked against the DB entry; and (id, reason) of those skipped.
+    Reads the shard's arrays (`sh.arrays`, loaded once and kept until the caller releases the shard)."""
     rows, skipped = [], []
     for i in idx:
         ids = np.asarray(ds[int(i)], dtype=np.int64)
         aa, codes = vocab.decode(ids)
-        g, crop, n = int(ds.db_index[i]), int(ds.crop_start[i]), int(ds.n_res[i])
-        pid = str(ds.ids[i])
+        pid, g, crop, n = ds.meta(int(i))
         if len(aa) != n or len(codes) != n:
             skipped.append((pid, f"token example has {len(aa)} residues / {len(codes)} tokens, index says {n}"))
             continue
@@ -189,7 +188,16 @@ def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg
         rows.append(dict(id=pid, db_index=g, crop_start=crop, aa=aa, codes=codes, ids=ids, src=vocab.source(aa, codes),
                          src_codes=vocab.source_codes(aa, codes), true=vocab.target_codes(aa, codes), ca=ca,
                          starts=starts))
-    sh.release()
+    return rows, skipped
+
+
+def evaluate_chunk(model, vocab: Vocab, rows: list[dict], skipped: list[tuple], cfg: EvalConfig, decoder,
+                   base: Baselines | None, chunk_seed: int, folder=None) -> dict:
+    """Everything per protein for the rows of `protein_rows` (one work part); `folder`: the (model,
+    vocab) of the self-consistency check (struct2seq), or None."""
+    from .generate import generate  # torch: imported when there is work, not for --help
+    from .teacher_forcing import teacher_forced
+
     srcs = [r["src"] for r in rows]
     d = cfg.decoding
     gen = generate(model, vocab, srcs, sampling=d.sampling(seed=chunk_seed), batch_size=d.batch_size,
@@ -249,12 +257,12 @@ def evaluate_chunk(model, vocab: Vocab, ds, db, shard: int, idx: np.ndarray, cfg
 
 # ----------------------------------------------------------------------------- the stage
 class Evaluation:
-    """One evaluation directory: `run_units` (an array task's share, resumable) and `load_parts` for
+    """One evaluation directory: `run_units` (an array task's share, resumable) and `iter_parts` for
     `tokenfold.eval_report.finalize`."""
 
     def __init__(self, cfg: EvalConfig):
         from .db import ProteinDB
-        from .shards import TokenDataset
+        from .hf_vocab import token_dataset
 
         self.cfg = cfg
         self.out = Path(cfg.out)
@@ -270,7 +278,8 @@ class Evaluation:
         self.tokens = Path(cfg.tokens)
         if not (self.tokens / "vocab.json").exists():
             raise FileNotFoundError(f"{self.tokens}: no token shards (vocab.json missing); pass --tokens")
-        check_same_vocab(self.vocab, Vocab.load(self.tokens / "vocab.json"), str(self.tokens))
+        self.token_vocab = Vocab.load(self.tokens / "vocab.json")   # the shards' ids (the model's may be offset)
+        check_same_vocab(self.vocab, self.token_vocab, str(self.tokens))
         self._folder = None
         if cfg.consistency_checkpoint:
             self.fold_ckpt = resolve(cfg.consistency_checkpoint)
@@ -280,7 +289,7 @@ class Evaluation:
             named = read_json(mf).get("db") if mf.exists() else None
             cfg.db = named if named and Path(named).exists() else str(layout.DB)
         self.db = ProteinDB(cfg.db)
-        self.ds = TokenDataset(self.tokens, cfg.split)
+        self.ds = token_dataset(self.tokens, cfg.split, self.vocab)   # in the model's ids (tokenfold/hf_vocab.py)
         if len(self.ds) == 0:
             raise ValueError(f"{self.tokens}: the {cfg.split!r} split has no examples")
         self.units = split_units(self.ds, self.db, cfg.chunk_size, cfg.max_proteins)
@@ -335,24 +344,40 @@ class Evaluation:
         v = self.vocab
         try:
             seed = self.cfg.decoding.seed
-            return Baselines.for_vocab(v, train_examples(self.tokens, v, seed=seed), windowed=windowed,
-                                       max_residues=self.cfg.baseline_max_residues, seed=seed)
+            train = train_examples(self.tokens, self.token_vocab, seed=seed)   # the shards' own ids
+            return Baselines.for_vocab(v, train, windowed=windowed, max_residues=self.cfg.baseline_max_residues,
+                                       seed=seed)
         except ValueError as e:
             log.warning("no baselines: %s (%s has no train examples)", e, self.tokens)
             return None
 
-    def run_units(self, num_tasks: int = 1, task_index: int = 0, overwrite: bool = False) -> int:
-        """Compute this task's missing parts. Returns how many parts it wrote."""
-        self._check_work_config(overwrite)
-        mine = my_units(len(self.db.shards), num_tasks, task_index)
+    def todo_units(self, num_tasks: int = 1, task_index: int = 0, overwrite: bool = False) -> list[tuple]:
+        """(DB shard, chunk, example indices) of this task's parts that are missing, in unit order."""
         todo = []
-        for k in mine:
+        for k in my_units(len(self.db.shards), num_tasks, task_index):
             for c, idx in enumerate(self.units[k]):
                 p = part_path(self.work, k, c)
                 if overwrite and p.exists():
                     p.unlink()
                 if not p.exists():
                     todo.append((k, c, idx))
+        return todo
+
+    def unit_rows(self, todo: list[tuple]):
+        """(shard, chunk, rows, skipped) of each unit of `todo` (`protein_rows`). Each DB shard is read
+        once, for all of its chunks, and released after its last one: memory stays at one DB shard."""
+        for j, (k, c, idx) in enumerate(todo):
+            sh = self.db.shards[k]
+            rows, skipped = protein_rows(self.ds, sh, idx, self.vocab)
+            if j + 1 == len(todo) or todo[j + 1][0] != k:
+                sh.release()
+            yield k, c, rows, skipped
+
+    def run_units(self, num_tasks: int = 1, task_index: int = 0, overwrite: bool = False) -> int:
+        """Compute this task's missing parts. Returns how many parts it wrote."""
+        self._check_work_config(overwrite)
+        mine = my_units(len(self.db.shards), num_tasks, task_index)
+        todo = self.todo_units(num_tasks, task_index, overwrite)
         n_all = sum(len(self.units[k]) for k in mine)
         log.info("evaluate: %d of %d parts to do (DB shards %s), %s split, checkpoint %s",
                  len(todo), n_all, mine if len(mine) < 10 else f"{len(mine)} shards", self.cfg.split, self.ckpt)
@@ -362,40 +387,47 @@ class Evaluation:
         # the token-frequency baselines (cheap, no classifier) give the baseline traces of decodable kinds
         base = self.fit_baselines(windowed=False) if decoder is not None else None
         t0, n_prot = time.time(), 0
-        for k, c, idx in progress(todo, desc="evaluate", unit="part"):
-            res = evaluate_chunk(self.model, self.vocab, self.ds, self.db, k, idx, self.cfg, decoder, base,
+        bar = progress(total=len(todo), desc="evaluate", unit="part")
+        for k, c, rows, skipped in self.unit_rows(todo):
+            res = evaluate_chunk(self.model, self.vocab, rows, skipped, self.cfg, decoder, base,
                                  chunk_seed=self.cfg.decoding.seed * 1_000_003 + k * 1009 + c, folder=self.folder())
             res["fingerprint"] = np.array(self.fp_hash)
             with atomic_path(part_path(self.work, k, c), suffix=".npz") as tmp:
                 np.savez(tmp, **res)
-            n_prot += len(idx)
+            n_prot += len(rows) + len(skipped)
+            bar.update(1)
             log.info("evaluate: part %d/%d of shard %d done (%d proteins, %.1f proteins/s overall)",
-                     c + 1, len(self.units[k]), k, len(idx), n_prot / max(time.time() - t0, 1e-9))
+                     c + 1, len(self.units[k]), k, len(rows) + len(skipped), n_prot / max(time.time() - t0, 1e-9))
+        bar.close()
         return len(todo)
 
     # ------------------------------------------------------------------------- the parts, for finalize
-    def load_parts(self) -> dict:
-        """Every part of this evaluation merged, in unit order (`tokenfold.eval_report.finalize` reads it)."""
-        missing = [part_path(self.work, k, c) for k in self.units for c in range(len(self.units[k]))
-                   if not part_path(self.work, k, c).exists()]
+    def part_paths(self) -> list[Path]:
+        """Every part of this evaluation, in unit order (a one-line error when one is missing)."""
+        paths = [part_path(self.work, k, c) for k in sorted(self.units) for c in range(len(self.units[k]))]
+        missing = [p for p in paths if not p.exists()]
         if missing:
             die(f"{len(missing)} work parts are missing (first: {missing[0]}); run the array tasks first")
-        parts = []
-        for k in sorted(self.units):
-            for c in range(len(self.units[k])):
-                with np.load(part_path(self.work, k, c), allow_pickle=False) as z:
-                    d = {key: z[key] for key in z.files}
-                if str(d["fingerprint"]) != self.fp_hash:
-                    die(f"{part_path(self.work, k, c)} was made with a different configuration; rerun with --overwrite")
-                parts.append(d)
-        P = {}
-        for key in ("ids", "db_index", "crop_start", "n_breaks", "aa", "loglik", "nll", "n_targets", "unc_valid",
-                    "unc_length_match", "unc_n"):
-            P[key] = np.concatenate([p[key] for p in parts])
-        P["trace_metrics"] = np.concatenate([p["trace_metrics"] for p in parts], axis=1)
-        ragged = ("true_codes", "src_codes", "pred_codes", "tf_codes", "true_ca", "pred_ca")
-        ragged += ("cons_codes", "cons_native_codes") if self.cfg.consistency_checkpoint else ()
-        for key in ragged:
-            P[key] = [a for p in parts for a in _unragged(p[key], p["offsets"])]
-        P["skipped"] = [tuple(s) for p in parts for s in json.loads(str(p["skipped"]))]
-        return P
+        return paths
+
+    def read_part(self, path: Path, keys=None) -> dict:
+        """One part (or only its `keys`), checked to be of this configuration; ragged arrays as lists."""
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["fingerprint"]) != self.fp_hash:
+                die(f"{path} was made with a different configuration; rerun with --overwrite")
+            keys = list(keys or z.files)
+            if any(key in RAGGED for key in keys) and "offsets" not in keys:
+                keys.append("offsets")
+            d = {key: z[key] for key in keys}
+        if "offsets" in d:
+            for key in RAGGED:
+                if key in d:
+                    d[key] = _unragged(d[key], d["offsets"])
+        if "skipped" in d:
+            d["skipped"] = [tuple(x) for x in json.loads(str(d["skipped"]))]
+        return d
+
+    def iter_parts(self, keys=None):
+        """The parts one at a time, in unit order (`tokenfold.eval_report.finalize` streams them)."""
+        for p in self.part_paths():
+            yield self.read_part(p, keys)

@@ -85,6 +85,14 @@ class IndexedFile:
         self._n: int | None = None
         self._all: tuple | None = None
 
+    def release(self) -> None:
+        """Drop this process's resident pages of the mapped files (they stay in the page cache, and
+        are read again on the next access): a task that reads range after range of a large DB keeps
+        its resident memory at one range's instead of growing to the DB's size."""
+        for m in (self._index_mm, *self._data_mm):
+            if m is not None and hasattr(mmap, "MADV_DONTNEED"):
+                m.madvise(mmap.MADV_DONTNEED)
+
     @staticmethod
     def _mmap(path: Path):
         if path.stat().st_size == 0:
@@ -114,6 +122,8 @@ class IndexedFile:
             n += 1  # last line without newline
         self._n = n
         self._checkpoints = np.concatenate(cps)
+        if hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)   # the whole index was read once: drop its pages (see `release`)
 
     def __len__(self) -> int:
         if self._n is None:
@@ -260,6 +270,12 @@ class FoldseekDB:
 
     def __len__(self) -> int:
         return len(self.aa)
+
+    def release(self) -> None:
+        """`IndexedFile.release` of each file (after a range is decoded: nothing returned points into them)."""
+        for f in (self.aa, self.ss, self.ca, self.h):
+            if f is not None:
+                f.release()
 
     @property
     def missing(self) -> list[str]:

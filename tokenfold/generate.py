@@ -44,7 +44,7 @@ import torch
 from .batching import budget_batches
 from .cli import progress
 from .sampling import Picker, Sampling
-from .vocab import BOS, EOS, PAD, Vocab
+from .vocab import Vocab
 
 
 @dataclass
@@ -144,18 +144,19 @@ class _Steps:
     def __init__(self, pick: Picker, vocab: Vocab, B: int, constrained: bool, device):
         self.pick = pick
         self.lo, self.hi = vocab.choice_range if constrained else (0, vocab.size)
+        self.eos, self.pad = vocab.eos, vocab.pad
         self.hist = torch.zeros((B, 0), dtype=torch.long, device=device)
         self.loglik = torch.zeros(B, dtype=torch.float64, device=device)
 
     def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
-        """Token ids [B] chosen from the last-position `logits` [B, V]; PAD where not `live`."""
+        """Token ids [B] chosen from the last-position `logits` [B, V]; <pad> where not `live`."""
         col = self.pick(logits[:, self.lo:self.hi], self.hist if self.pick.needs_history else None)
         tok = col + self.lo
         lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0]
-        self.loglik += torch.where(live & (tok != EOS), lp, torch.zeros_like(lp)).double()
+        self.loglik += torch.where(live & (tok != self.eos), lp, torch.zeros_like(lp)).double()
         if self.pick.needs_history:
             self.hist = torch.cat([self.hist, col[:, None]], 1)
-        return torch.where(live, tok, torch.full_like(tok, PAD))
+        return torch.where(live, tok, torch.full_like(tok, self.pad))
 
 
 @torch.inference_mode()
@@ -164,7 +165,7 @@ def _plain_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick: Picke
     Ls = torch.tensor([len(s) for s in srcs], device=device)
     prompts = [vocab.prompt(s) for s in srcs]
     P = max(len(p) for p in prompts)
-    ids = torch.full((B, P), PAD, dtype=torch.long)
+    ids = torch.full((B, P), vocab.pad, dtype=torch.long)
     mask = torch.zeros((B, P), dtype=torch.long)
     for i, p in enumerate(prompts):  # left padding
         ids[i, P - len(p):] = torch.from_numpy(p)
@@ -179,20 +180,20 @@ def _plain_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick: Picke
     full_mask = torch.cat([mask, torch.ones((B, n_steps), dtype=mask.dtype, device=device)], dim=1)
     logits = _forward(model, ids, cache, mask, pos)[:, -1]
     next_pos = pos[:, -1:] + 1
-    out = torch.full((B, n_steps), PAD, dtype=torch.long, device=device)
+    out = torch.full((B, n_steps), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     step = _Steps(pick, vocab, B, constrained, device)
     for t in range(n_steps):
         tok = step(logits, (t < Ls) if constrained else (~ended & (t < budget)))
         if not constrained:
-            ended |= tok == EOS
+            ended |= tok == vocab.eos
         out[:, t] = tok
         if t == n_steps - 1 or (not constrained and bool((ended | (t + 1 >= budget)).all())):
             break
         logits = _forward(model, tok[:, None], cache, full_mask[:, :P + t + 1], next_pos)[:, -1]
         next_pos = next_pos + 1
     out, ll = out.cpu().numpy(), step.loglik.cpu().numpy()
-    return [_result(vocab, out[i][out[i] != PAD], len(s), constrained, ll[i]) for i, s in enumerate(srcs)]
+    return [_result(vocab, out[i][out[i] != vocab.pad], len(s), constrained, ll[i]) for i, s in enumerate(srcs)]
 
 
 @torch.inference_mode()
@@ -201,21 +202,21 @@ def _interleaved_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick:
     Ls = [len(s) for s in srcs]
     Lt = torch.tensor(Ls, device=device)
     n_slots = max(Ls) + (0 if constrained else 1)  # unconstrained also asks the model for the end slot
-    src = torch.full((B, max(Ls) + 1), PAD, dtype=torch.long)
+    src = torch.full((B, max(Ls) + 1), vocab.pad, dtype=torch.long)
     for i, s in enumerate(srcs):
         src[i, :len(s)] = torch.from_numpy(vocab.source_ids(s))
     src = src.to(device)
-    first = torch.stack([torch.full((B,), BOS, device=device), torch.full((B,), vocab.target_marker, device=device),
+    first = torch.stack([torch.full((B,), vocab.bos, device=device), torch.full((B,), vocab.target_marker, device=device),
                          src[:, 0]], 1)
     cache = _new_cache(model, 3 + 2 * n_slots + 1)
     logits = _forward(model, first, cache)[:, -1]
-    out = torch.full((B, n_slots), PAD, dtype=torch.long, device=device)
+    out = torch.full((B, n_slots), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     step = _Steps(pick, vocab, B, constrained, device)
     for t in range(n_slots):  # slot t < L: after x_{t+1}; slot L: after y_L (the end slot)
         tok = step(logits, (t < Lt) if constrained else ((t <= Lt) & ~ended))
         if not constrained:
-            ended |= tok == EOS
+            ended |= tok == vocab.eos
         out[:, t] = tok
         if t == n_slots - 1 or not bool(((t + 1 < Lt) if constrained else ((t + 1 <= Lt) & ~ended)).any()):
             break
@@ -223,12 +224,12 @@ def _interleaved_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick:
         # attention mask, with which transformers' SDPA path copies every cached key/value to repeat
         # the grouped KV heads (measured ~3x slower on CPU at 64 rows)
         after_y = _forward(model, tok[:, None], cache)[:, -1]
-        after_x = _forward(model, src[:, t + 1, None], cache)[:, -1]  # PAD past a row's end: ignored
+        after_x = _forward(model, src[:, t + 1, None], cache)[:, -1]  # <pad> past a row's end: ignored
         # rows whose next slot is the end slot read the logits right after y_L, the others after x_{t+2}
         at_end = (t + 1 == Lt)[:, None]
         logits = torch.where(at_end, after_y, after_x)
     out, ll = out.cpu().numpy(), step.loglik.cpu().numpy()
-    return [_result(vocab, out[i][out[i] != PAD], Ls[i], constrained, ll[i]) for i in range(B)]
+    return [_result(vocab, out[i][out[i] != vocab.pad], Ls[i], constrained, ll[i]) for i in range(B)]
 
 
 def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool, loglik: float) -> Generation:
@@ -238,7 +239,7 @@ def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool, loglik: f
         codes = toks - lo
         assert len(codes) == L and vocab.is_target(toks).all()
         return Generation(codes=codes, valid=True, length_match=True, loglik=float(loglik))
-    stop = np.flatnonzero(toks == EOS)
+    stop = np.flatnonzero(toks == vocab.eos)
     body = toks[: stop[0]] if len(stop) else toks
     target = vocab.is_target(body)
     valid = bool(target.all())

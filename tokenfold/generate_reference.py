@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .vocab import EOS, PAD, Vocab
+from .vocab import Vocab
 
 
 class LayoutConstraint:
@@ -30,7 +30,7 @@ class LayoutConstraint:
         allow = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         if v.interleaved:
             if n == 2 * self.L:
-                allow[EOS] = True
+                allow[v.eos] = True
             elif n % 2 == 0:
                 allow[int(self.src[n // 2])] = True
             else:
@@ -38,7 +38,7 @@ class LayoutConstraint:
         elif n < self.L:
             allow[lo:hi] = True
         else:
-            allow[EOS] = True
+            allow[v.eos] = True
         return scores.masked_fill(~allow, float("-inf"))
 
 
@@ -54,7 +54,7 @@ def reference_generate(model, vocab: Vocab, source, repetition_penalty: float = 
     prompt = torch.as_tensor(vocab.prompt(source))[None].to(device)
     n_new = (2 * len(source) if vocab.interleaved else len(source)) + 1
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
-                         do_sample=False, num_beams=1, eos_token_id=EOS, pad_token_id=PAD,
+                         do_sample=False, num_beams=1, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size or None,
                          logits_processor=LogitsProcessorList([LayoutConstraint(vocab, source, prompt.shape[1])]))
     return out[0].cpu().numpy()

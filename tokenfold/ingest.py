@@ -157,6 +157,7 @@ def ingest_foldseek_range(prefix: str, a: int, b: int, opts: PrepareOptions) -> 
         res.notes.append((prefix, "", "missing files: database has no " + ", ".join(db.missing) +
                           "; entries kept without " + ", ".join(what[m] for m in db.missing)))
     bt = db.read_range(a, b)
+    db.release()   # bt holds copies; the mapped pages would otherwise pile up over a task's ranges
     L = bt.lengths
     n, R = len(L), int(L.sum())
     starts = np.zeros(n + 1, dtype=np.int64)

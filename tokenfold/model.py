@@ -11,15 +11,19 @@ Presets (`PRESETS`) fix the architecture; any `LlamaConfig` field can be overrid
     llama3.2-1b     meta-llama/Llama-3.2-1B config.json: 16 layers, d=2048, FFN 8192, 32 heads,
                     8 KV heads, head_dim 64, RoPE theta 5e5 with "llama3" scaling (factor 32, low 1,
                     high 4, original 8192 positions), 131072 positions, tied embeddings
+    llama3.1-8b     meta-llama/Llama-3.1-8B config.json: 32 layers, d=4096, FFN 14336, 32 heads, 8 KV
+                    heads, RoPE theta 5e5 with "llama3" scaling (factor 8), 131072 positions, untied.
+                    To fine-tune the released weights use stage 05's --init-from (tokenfold/hf_vocab.py);
+                    the preset is the shape (memory plans, from-scratch runs)
 
 Positions: stage 05 raises a preset's ``max_position_embeddings`` to its --max-len when that is longer
 (2,052 tokens for stage 04's default 1,024-residue crop; `build_config(min_positions=)`): RoPE has no
 position parameters, so the shape and parameter count stay the published ones.
 
 The two published shapes are written here, nothing is downloaded. With their own vocabularies
-(32000 / 128256) they have exactly the published parameter counts (1,100,048,384 and 1,235,814,400;
-pinned by tests/test_model.py); with ours (~50-550 tokens) the embeddings shrink and they have
-969M and 973M parameters.
+(32000 / 128256 / 128256) they have exactly the published parameter counts (1,100,048,384,
+1,235,814,400 and 8,030,261,248; pinned by tests/test_model.py); with ours (~50-550 tokens) the
+embeddings shrink and they have 969M, 973M and 6.98B parameters.
 
 Attention: `flash_attention_2` when the `flash_attn` package is installed and the model runs on a GPU,
 else PyTorch SDPA (`pick_attention`). The batch layout follows the attention (tokenfold/data.py).
@@ -53,6 +57,11 @@ PRESETS: dict[str, dict] = {
                         rope_scaling=dict(rope_type="llama3", factor=32.0, low_freq_factor=1.0,
                                           high_freq_factor=4.0, original_max_position_embeddings=8192),
                         rms_norm_eps=1e-5, tie_word_embeddings=True, hidden_act="silu"),
+    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0,
+                        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                          high_freq_factor=4.0, original_max_position_embeddings=8192),
+                        rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu"),
 }
 
 

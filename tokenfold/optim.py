@@ -32,7 +32,8 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kw = {"fused": True} if device.type == "cuda" else {}
+    # fused kernels on GPUs; FSDP2's sharded (DTensor) parameters take the foreach implementation
+    kw = {"fused": True} if device.type == "cuda" and not cfg.fsdp else {}
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, **kw)
 
 

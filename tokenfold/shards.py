@@ -1,4 +1,4 @@
-"""Token shards: flat uint16 token files plus an offset index per shard, memmapped (nanoGPT-style).
+"""Token shards: flat uint16 token files plus an offset index per shard (nanoGPT-style).
 
 Where the files sit: see data/README.md, section stage 04. One shard::
 
@@ -12,6 +12,10 @@ Where the files sit: see data/README.md, section stage 04. One shard::
 The ``.bin`` is written first and the ``.idx.npz`` last, both atomically, so an index file that
 exists always describes a complete shard. `TokenDataset` reads the shards a split's entry of the
 finalize manifest lists, or before finalize the complete shards it finds (by their index files).
+It reads an example's tokens with one ``pread`` rather than through a memory map: pages of a mapped
+file count in the resident memory of every rank that touched them, and over an epoch of a 66.7M-entry
+set that would be the whole token set per rank (what SLURM's memory accounting sees); read, they stay
+in the shared page cache only.
 """
 from __future__ import annotations
 
@@ -69,7 +73,18 @@ class TokenShardWriter:
 
 
 class TokenDataset:
-    """All examples of one split, across shards, memmapped. `ds[i]` -> uint16 token array."""
+    """All examples of one split, across shards. `ds[i]` -> uint16 token array (read-only).
+
+    Memory (what every training rank holds): the global token offsets, 8 bytes per example, plus a few
+    numbers per shard. The per-example index columns are read only where they are needed: `meta(i)`
+    and `shard_columns(k)` read one shard's (the last one read is kept), the properties `ids`,
+    `db_index`, `crop_start`, `n_res` every shard's (on first use, then kept). A shard's ``.bin`` is
+    opened on first access and read with ``os.pread`` (module docstring). Pickling (DataLoader workers
+    started with spawn) drops the open files and the cached columns; they are reopened / reread on
+    demand. Forked workers share the open files: ``pread`` has no file position to disturb.
+    """
+
+    COLUMNS = ("ids", "db_index", "crop_start", "n_res")
 
     def __init__(self, root: str | os.PathLike, split: str, files: Sequence[str] | None = None):
         self.root = Path(root)
@@ -82,28 +97,48 @@ class TokenDataset:
                 files = sorted(str(p.relative_to(self.root))[: -len(".idx.npz")]
                                for p in (self.root / split).glob("shard_*.idx.npz"))
         self.stems = list(files)
-        self._bins, offs, dbi, crop, nres, ids = [], [], [], [], [], []
-        base = 0
-        for stem in self.stems:
-            with np.load(self.root / f"{stem}.idx.npz", allow_pickle=False) as z:
+        # two passes over the index files (array headers, then the offsets into their place), so the
+        # offsets are never held twice
+        counts = np.array([_npz_shape(self._idx_path(k), "offsets")[0] - 1 for k in range(len(self.stems))],
+                          dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # first example of each shard
+        self.starts = np.zeros(int(self.shard_starts[-1]) + 1, dtype=np.int64)
+        tok_base = np.zeros(len(self.stems) + 1, dtype=np.int64)                     # first token of each shard
+        for k in range(len(self.stems)):
+            with np.load(self._idx_path(k), allow_pickle=False) as z:
                 o = z["offsets"]
-                offs.append(o[:-1] + base)
-                dbi.append(z["db_index"]); crop.append(z["crop_start"]); nres.append(z["n_res"]); ids.append(z["ids"])
-            n_tok = int(o[-1])
-            self._bins.append(np.memmap(self.root / f"{stem}.bin", dtype=TOKEN_DTYPE, mode="r", shape=(n_tok,))
-                              if n_tok else np.zeros(0, TOKEN_DTYPE))
-            base += n_tok
-        self.starts = np.concatenate(offs + [[base]]).astype(np.int64) if offs else np.zeros(1, np.int64)
-        self.db_index = np.concatenate(dbi) if dbi else np.zeros(0, np.int64)
-        self.crop_start = np.concatenate(crop) if crop else np.zeros(0, np.int32)
-        self.n_res = np.concatenate(nres) if nres else np.zeros(0, np.int32)
-        self.ids = np.concatenate(ids) if ids else np.zeros(0, dtype="<U1")
-        # which shard an example lives in, and where that shard starts in the global token count
-        self._shard_of = np.concatenate([np.full(len(o), k) for k, o in enumerate(offs)]) if offs else np.zeros(0, int)
-        self._bin_base = np.concatenate([[0], np.cumsum([len(b) for b in self._bins])]).astype(np.int64)
+            a, b = self.shard_starts[k], self.shard_starts[k + 1]
+            self.starts[a:b] = o[:-1] + tok_base[k]
+            tok_base[k + 1] = tok_base[k] + int(o[-1])
+        self.starts[-1] = tok_base[-1]
+        self._tok_base = tok_base
+        self._fds: list = [None] * len(self.stems)
+        self._columns: dict[str, np.ndarray] = {}
+        self._shard_cache: tuple[int, dict] | None = None
+
+    def _idx_path(self, k: int) -> Path:
+        return self.root / f"{self.stems[k]}.idx.npz"
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(_fds=[None] * len(self.stems), _columns={}, _shard_cache=None)
+        return state
+
+    def close(self) -> None:
+        """Close the shard files opened so far (reading again reopens them)."""
+        for k, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[k] = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):
+            pass
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.starts) - 1
 
     @property
     def lengths(self) -> np.ndarray:
@@ -114,8 +149,70 @@ class TokenDataset:
     def n_tokens(self) -> int:
         return int(self.starts[-1])
 
+    def shard_of(self, i: int) -> int:
+        """The shard (position in `stems`) example i lives in."""
+        return int(np.searchsorted(self.shard_starts, i, side="right")) - 1
+
     def __getitem__(self, i: int) -> np.ndarray:
-        k = self._shard_of[i]
-        a = self.starts[i] - self._bin_base[k]
-        b = self.starts[i + 1] - self._bin_base[k]
-        return np.asarray(self._bins[k][a:b])
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"example {i} of {len(self)}")
+        k = self.shard_of(i)
+        n = int(self.starts[i + 1] - self.starts[i])
+        if n == 0:
+            return np.zeros(0, TOKEN_DTYPE)
+        if self._fds[k] is None:
+            self._fds[k] = os.open(self.root / f"{self.stems[k]}.bin", os.O_RDONLY)
+        size = np.dtype(TOKEN_DTYPE).itemsize
+        data = os.pread(self._fds[k], n * size, int(self.starts[i] - self._tok_base[k]) * size)
+        if len(data) != n * size:
+            raise ValueError(f"{self.root / self.stems[k]}.bin: shorter than its index says (truncated file?)")
+        return np.frombuffer(data, dtype=TOKEN_DTYPE)
+
+    # ---- the index columns (ids, db_index, crop_start, n_res), read on demand
+    def shard_columns(self, k: int) -> dict[str, np.ndarray]:
+        """The index columns of shard k's examples (examples shard_starts[k] .. shard_starts[k+1]-1)."""
+        if self._shard_cache is None or self._shard_cache[0] != k:
+            with np.load(self._idx_path(k), allow_pickle=False) as z:
+                cols = {name: z[name] for name in self.COLUMNS}
+            self._shard_cache = (k, cols)
+        return self._shard_cache[1]
+
+    def meta(self, i: int) -> tuple[str, int, int, int]:
+        """(id, db_index, crop_start, n_res) of example i, reading only its shard's index."""
+        k = self.shard_of(i)
+        c = self.shard_columns(k)
+        j = int(i) - int(self.shard_starts[k])
+        return str(c["ids"][j]), int(c["db_index"][j]), int(c["crop_start"][j]), int(c["n_res"][j])
+
+    def column(self, name: str) -> np.ndarray:
+        """One index column for every example of the split (read from every shard on first use)."""
+        if name not in self.COLUMNS:
+            raise KeyError(name)
+        if name not in self._columns:
+            parts = []
+            for k in range(len(self.stems)):
+                with np.load(self._idx_path(k), allow_pickle=False) as z:
+                    parts.append(z[name])
+            empty = {"ids": np.zeros(0, "<U1"), "db_index": np.zeros(0, np.int64),
+                     "crop_start": np.zeros(0, np.int32), "n_res": np.zeros(0, np.int32)}[name]
+            self._columns[name] = np.concatenate(parts) if parts else empty
+        return self._columns[name]
+
+    ids = property(lambda self: self.column("ids"), doc="protein ids of all examples (read on first use)")
+    db_index = property(lambda self: self.column("db_index"), doc="global DB index of all examples")
+    crop_start = property(lambda self: self.column("crop_start"), doc="first residue kept, all examples")
+    n_res = property(lambda self: self.column("n_res"), doc="residues per example, all examples")
+
+
+def _npz_shape(path: Path, name: str) -> tuple:
+    """Shape of array `name` in an .npz, from its header (the data are not read)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0(f))
+    return shape

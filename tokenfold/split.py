@@ -192,14 +192,30 @@ def assign_splits(rep: np.ndarray, rep_keys: Sequence[str], fractions: Sequence[
     if n == 0:
         return codes
     reps, inverse, sizes = np.unique(rep, return_inverse=True, return_counts=True)
-    order = sorted(range(len(reps)), key=lambda c: (_cluster_key(seed, rep_keys[reps[c]]), int(reps[c])))
-    filled = np.zeros(3)
+    # the seeded visiting order: by (key of the representative, representative); arrays, not tuples,
+    # so that tens of millions of clusters cost ~50 bytes each
+    keys = np.fromiter((_cluster_key(seed, rep_keys[r]) for r in reps.tolist()), dtype=np.uint64, count=len(reps))
+    order = np.lexsort((reps, keys))
+    del keys
+    f0, f1, f2 = frac.tolist()
+    a0 = a1 = a2 = 0.0     # entries filled per split; the same float arithmetic as numpy's on 3-vectors
     cluster_split = np.zeros(len(reps), dtype=np.uint8)
-    for c in order:
-        total = filled.sum() + sizes[c]
-        k = int(np.argmax(frac * total - filled))
-        cluster_split[c] = k
-        filled[k] += sizes[c]
+    for b0 in range(0, len(order), 1 << 20):   # blocks: Python ints for one block at a time
+        block = order[b0: b0 + (1 << 20)]
+        picks = []
+        for size in sizes[block].tolist():
+            total = a0 + a1 + a2 + size
+            d0, d1, d2 = f0 * total - a0, f1 * total - a1, f2 * total - a2
+            if d0 >= d1 and d0 >= d2:       # the first split furthest below its share (argmax)
+                a0 += size
+                picks.append(0)
+            elif d1 >= d2:
+                a1 += size
+                picks.append(1)
+            else:
+                a2 += size
+                picks.append(2)
+        cluster_split[block] = picks
     for k in range(3):
         if frac[k] > 0 and not (cluster_split == k).any():
             counts = np.bincount(cluster_split, minlength=3)

@@ -16,7 +16,7 @@ import torch
 
 from .batching import budget_batches
 from .generate import default_batch_size
-from .vocab import EOS, PAD, Vocab
+from .vocab import Vocab
 
 
 @dataclass
@@ -43,7 +43,7 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
     try:
         for b in budget_batches([len(e) for e in examples], max_batch_tokens, max_rows=batch_size):
             T = max(len(examples[i]) for i in b)
-            ids = torch.full((len(b), T), PAD, dtype=torch.long)
+            ids = torch.full((len(b), T), vocab.pad, dtype=torch.long)
             att = torch.zeros((len(b), T), dtype=torch.long)
             for r, i in enumerate(b):
                 e = torch.as_tensor(np.asarray(examples[i], dtype=np.int64))
@@ -54,7 +54,7 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
             tgt = ids[:, 1:]
             valid = att[:, 1:].bool()
             tmask = (tgt >= lo) & (tgt < hi) & valid
-            lmask = tmask | ((tgt == EOS) & valid)
+            lmask = tmask | ((tgt == vocab.eos) & valid)
             nll = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
             arg = logits[..., clo:chi].argmax(-1) + (clo - lo)
             nll_sum = (nll * lmask).sum(1).cpu().numpy()

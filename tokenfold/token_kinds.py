@@ -7,9 +7,11 @@
             beforehand (`tokenfold.geo_fit`) (`GeoKind`).
 * ``kanzi`` Kanzi's FSQ tokens (`tokenfold.kanzi`, needs the package and ``--kanzi-checkpoint``; chains of at
             most 255 residues) (`KanziKind`).
+* ``6d``    the hand-crafted baseline codebook: binned C-alpha angles, secondary structure and
+            neighbour density (`tokenfold.sixd`), fixed bins, nothing fitted (`SixDKind`).
 
 geo and kanzi encode the kept window of a chain on its own (a cropped example decodes by itself);
-3di and esm tokens are computed on the whole chain and cut (`tokenfold.tokenize` picks the window).
+3di, esm and 6d tokens are computed on the whole chain and cut (`tokenfold.tokenize` picks the window).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tokenfold.token_kinds")
 
-KINDS = ("3di", "esm", "geo", "kanzi")
+KINDS = ("3di", "esm", "geo", "kanzi", "6d")
 
 
 class TokenKind:
@@ -244,6 +246,28 @@ class KanziKind(TokenKind):
         return out
 
 
+class SixDKind(TokenKind):
+    """The "6D" codes of the whole chain (neighbour density needs all of it), cut to the kept window."""
+
+    needs = "ca"
+
+    def vocab(self) -> Vocab:
+        from . import sixd
+
+        return Vocab.for_kind("6d", n_struct=sixd.N_CODES, interleaved=self.cfg.interleaved, sixd=sixd.definition())
+
+    def codes(self, items, k, first_index):
+        from . import sixd
+
+        out = []
+        for rec, a, b in items:
+            try:
+                out.append(sixd.encode(rec.ca, rec.gap_before)[a:b])
+            except ValueError as e:
+                out.append(str(e)[:120])
+        return out
+
+
 def make_kind(cfg: TokenizeConfig, geo_codebook: GeoCodebook | None = None) -> TokenKind:
     """The token kind `cfg.kind` (geo needs its fitted codebook)."""
     if cfg.kind == "3di":
@@ -252,4 +276,6 @@ def make_kind(cfg: TokenizeConfig, geo_codebook: GeoCodebook | None = None) -> T
         return GeoKind(cfg, geo_codebook)
     if cfg.kind == "esm":
         return EsmKind(cfg)
+    if cfg.kind == "6d":
+        return SixDKind(cfg)
     return KanziKind(cfg)

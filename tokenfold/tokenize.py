@@ -56,7 +56,8 @@ class TokenizeConfig:
 
     db: str = option(str(layout.DB), "protein DB from stage 01")
     kind: str = option("3di", "structure token kind: 3di = Foldseek's letters from the DB, esm = "
-                             "stage-03 codes, geo = our decodable C-alpha tokens, kanzi = Kanzi's",
+                             "stage-03 codes, geo = our decodable C-alpha tokens, kanzi = Kanzi's, 6d = the hand-crafted "
+                             "C-alpha baseline codebook (angles, secondary structure, density)",
                              flag="--tokens", choices=KINDS)
     interleaved: bool = option(False, "interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>; "
                                       "struct2seq: <bos> <aa> s1 a1 s2 a2 .. <eos>)")

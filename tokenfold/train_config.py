@@ -22,10 +22,12 @@ from .stop import EXIT_REQUEUE
 # settings that may change when resuming (everything else must match the checkpointed run)
 RESUME_MUTABLE = {"out", "tokens", "resume", "overwrite", "eval_every", "eval_max_examples", "save_every",
                   "keep_last", "log_every", "wandb", "wandb_project", "compile", "grad_checkpointing",
-                  "threads", "device", "stop_after_steps", "attn", "grad_accum"}
+                  "threads", "device", "stop_after_steps", "attn", "grad_accum", "gpu_memory_gb", "loss_chunk",
+                  "data_workers"}
 
 IO, MODEL, BATCHES, OPTIM, LOGS, MACHINE = ("inputs and outputs", "model", "batches", "optimisation",
                                             "evaluation, checkpoints, logs", "machine")
+BIG = "big models: a pretrained LLM, LoRA, FSDP2 (tokenfold/hf_vocab.py, lora.py, fsdp.py, memory_plan.py)"
 
 
 @dataclass
@@ -35,7 +37,8 @@ class TrainConfig:
     out: str = option(str(layout.RUNS / "3di_tiny"),
                       f"run directory (default: {layout.RUNS}/<tokens name>_<preset>, e.g. {layout.RUNS}/3di_tiny)",
                       group=IO)
-    preset: str = option("tiny", "architecture", group=MODEL, choices=sorted(PRESETS))
+    preset: str = option("tiny", "architecture of a model trained from scratch (not used with --init-from)", group=MODEL,
+                         choices=sorted(PRESETS))
     model_overrides: dict = option(help="LlamaConfig fields over the preset's", default_factory=dict,
                                    cli=False)   # --set KEY=VALUE in 05_train_lm.py
     attn: str = option("auto", "auto (flash_attention_2 on GPU when installed, else sdpa) | sdpa | "
@@ -77,7 +80,29 @@ class TrainConfig:
     overwrite: bool = option(False, "delete the run directory and start over", group=IO)
     wandb: bool = option(False, "also log to Weights & Biases (needs `pip install wandb`)", group=LOGS)
     wandb_project: str = option("tokenfold", "Weights & Biases project", group=LOGS)
+    init_from: str | None = option(
+        None, "start from this pretrained Hugging Face LLM (a local model directory with its tokenizer, or a hub "
+        "name the HF cache holds) instead of --preset: our tokens are added to its tokenizer, its embeddings "
+        "resized, new rows start at the mean embedding", group=BIG, metavar="PATH")
+    lora_rank: int = option(0, "LoRA adapters of this rank (peft; needs --init-from); the new tokens' embedding and "
+                            "output rows train too, everything else is frozen. 0: train every weight", group=BIG,
+                            metavar="R")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: 2 x rank)", group=BIG)
+    lora_dropout: float = option(0.05, "LoRA dropout", group=BIG)
+    lora_targets: str = option("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                               "comma-separated names of the linear layers that get adapters", group=BIG)
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state over the ranks (FSDP2, one unit "
+                        "per decoder layer, bf16 mixed precision on GPU; sharded DCP checkpoints)", group=BIG)
+    gpu_memory_gb: float | None = option(
+        None, "GPU memory the memory plan checks against (default: the GPU's own; on CPU the plan is only printed)",
+        group=BIG)
+    loss_chunk: int | None = option(
+        None, "loss targets per chunk of LM-head logits (default: as many as keep a chunk's fp32 logits under "
+        "1 GiB: all of them with our own vocabulary, ~2,000 with a 128k-token LLM)", group=BIG)
     threads: int | None = option(None, "torch CPU threads per process", group=MACHINE)
+    data_workers: int | None = option(
+        None, "DataLoader worker processes per rank that read and collate batches ahead, into pinned memory on a "
+        "GPU (default: 2 on a GPU, 0 on CPU); the batches are the same for any number", group=MACHINE)
     device: str = option("auto", "auto (cuda:LOCAL_RANK if a GPU is visible, else cpu) | cpu | cuda", group=MACHINE)
     stop_after_steps: int | None = option(
         None, f"save and exit with status {EXIT_REQUEUE} after N steps of this session (time slicing, tests)",
@@ -120,9 +145,11 @@ def resolve_max_len(cfg: TrainConfig, vocab) -> int:
     return cfg.max_len
 
 
-def default_out(tokens: str | os.PathLike, preset: str) -> Path:
-    """The run directory when --out is not given: data/runs/<tokens name>_<preset>."""
-    return layout.RUNS / f"{Path(tokens).name}_{preset}"
+def default_out(tokens: str | os.PathLike, preset: str, init_from: str | None = None) -> Path:
+    """The run directory when --out is not given: data/runs/<tokens name>_<preset>, or
+    <tokens name>_<model directory or hub name> with --init-from."""
+    model = Path(str(init_from).rstrip("/")).name if init_from else preset
+    return layout.RUNS / f"{Path(tokens).name}_{model}"
 
 
 def compat_fingerprint(cfg: TrainConfig, total_steps: int, layout_name: str, world: int) -> dict:

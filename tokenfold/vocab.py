@@ -7,6 +7,10 @@ Token ids::
     29..     the K structure tokens of this vocabulary's kind                 (`struct_offset`..`struct_end`)
     29+K     <aa>: only in struct2seq vocabularies (appended, so no other id moves)
 
+A kind added after the first four (``6d``) has its marker at id 8, after the eight original
+specials, and its amino acids, structure tokens (and <aa>) one id later; the ids of the first four
+kinds' vocabularies (and so their token shards and checkpoints) never change.
+
 Every example has a **prompt part** (what the model reads: one token per residue of the *source*) and
 a **generated part** (what it learns to write: one token per residue of the *target*, then <eos>).
 The direction (`DIRECTIONS`) says which side is which:
@@ -28,6 +32,12 @@ amino acids, never X). An example of L residues has 2L+4 tokens (plain) or 2L+3 
 `example_length`, and its inverse `max_residues`, the one length rule of stages 04 (crop), 05
 (--max-len, model positions), 06 and predict.
 
+Inside a pretrained LLM (stage 05 --init-from) the same tokens are added to its tokenizer, in this
+order, after its own: every id above is shifted by ``id_offset`` (the LLM's vocabulary size), and the
+instance attributes ``pad``, ``bos``, ``sep``, ``eos``, ``kind_id``, ``aa_offset``, ``struct_offset``,
+``struct_end``, ``aa_marker_id`` and ``size`` say where they are (`tokenfold.hf_vocab`). Stage-04
+shards keep the ids above.
+
 ``vocab.json`` format version 2 records the direction; version 1 files (before directions existed)
 load as seq2struct vocabularies, with the same ids.
 """
@@ -44,7 +54,7 @@ from .artifacts import write_json_atomic
 
 SPECIALS = ("<pad>", "<bos>", "<sep>", "<eos>", "<3di>", "<esm>", "<geo>", "<kanzi>")
 PAD, BOS, SEP, EOS = 0, 1, 2, 3
-KIND_MARKER = {"3di": 4, "esm": 5, "geo": 6, "kanzi": 7}
+KIND_MARKER = {"3di": 4, "esm": 5, "geo": 6, "kanzi": 7, "6d": 8}
 AA_MARKER = "<aa>"   # struct2seq's target marker, appended after the structure tokens
 AA_LETTERS = "ACDEFGHIKLMNPQRSTVWYX"
 N_AA_DESIGN = 20     # struct2seq generates the 20 standard amino acids (AA_LETTERS[:20]), never X
@@ -69,21 +79,25 @@ IGNORE_INDEX = -100  # label value the HF loss ignores
 
 @dataclass
 class Vocab:
-    kind: str                  # 3di | esm | geo | kanzi
+    kind: str                  # 3di | esm | geo | kanzi | 6d
     struct_symbols: list[str]  # printable form of each structure token, code k -> struct_symbols[k]
     interleaved: bool = False
     meta: dict = field(default_factory=dict)
     direction: str = SEQ2STRUCT
+    id_offset: int = 0         # > 0: the ids live inside a pretrained LLM's vocabulary (module docstring)
 
     def __post_init__(self):
         if self.kind not in KIND_MARKER:
             raise ValueError(f"unknown structure token kind {self.kind!r}; expected one of {sorted(KIND_MARKER)}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"unknown direction {self.direction!r}; expected one of {', '.join(DIRECTIONS)}")
-        self.aa_offset = len(SPECIALS)
+        o = self.id_offset
+        self.pad, self.bos, self.sep, self.eos = PAD + o, BOS + o, SEP + o, EOS + o
+        self.specials = SPECIALS + ((f"<{self.kind}>",) if KIND_MARKER[self.kind] >= len(SPECIALS) else ())
+        self.aa_offset = o + len(self.specials)
         self.struct_offset = self.aa_offset + len(AA_LETTERS)
         self.struct_end = self.struct_offset + len(self.struct_symbols)
-        self.kind_id = KIND_MARKER[self.kind]
+        self.kind_id = KIND_MARKER[self.kind] + o
         self.inverse = self.direction == STRUCT2SEQ
         self.aa_marker_id = self.struct_end if self.inverse else None
         self.size = self.struct_end + (1 if self.inverse else 0)
@@ -114,14 +128,14 @@ class Vocab:
     @property
     def tokens(self) -> list[str]:
         struct = [f"<{s}>" if self.kind != "3di" else f"[{s}]" for s in self.struct_symbols]
-        return list(SPECIALS) + list(AA_LETTERS) + struct + ([AA_MARKER] if self.inverse else [])
+        return list(self.specials) + list(AA_LETTERS) + struct + ([AA_MARKER] if self.inverse else [])
 
     def to_dict(self) -> dict:
         return {"format": "tokenfold-vocab", "version": VERSION, "kind": self.kind, "direction": self.direction,
                 "interleaved": self.interleaved, "n_struct": self.n_struct, "struct_symbols": self.struct_symbols,
                 "aa_offset": self.aa_offset, "struct_offset": self.struct_offset, "size": self.size,
-                "target_marker": self.target_marker, "specials": list(SPECIALS), "aa_letters": AA_LETTERS,
-                "tokens": self.tokens, "meta": self.meta}
+                "target_marker": self.target_marker, "specials": list(self.specials), "aa_letters": AA_LETTERS,
+                "tokens": self.tokens, "meta": self.meta, **({"id_offset": self.id_offset} if self.id_offset else {})}
 
     def save(self, path: str | os.PathLike) -> None:
         write_json_atomic(path, self.to_dict())
@@ -137,7 +151,7 @@ class Vocab:
         if d.get("version", 1) not in (1, VERSION):
             raise ValueError(f"{path}: vocabulary format version {d.get('version')}; this code reads 1 and {VERSION}")
         v = cls(kind=d["kind"], struct_symbols=d["struct_symbols"], interleaved=d["interleaved"], meta=d.get("meta", {}),
-                direction=d.get("direction", SEQ2STRUCT))
+                direction=d.get("direction", SEQ2STRUCT), id_offset=int(d.get("id_offset", 0)))
         if v.size != d["size"]:
             raise ValueError(f"{path}: size {d['size']} does not match its symbols ({v.size})")
         return v
@@ -216,8 +230,8 @@ class Vocab:
     def prompt(self, source) -> np.ndarray:
         """Tokens before y_1 (module docstring); `source` as `source_ids` takes it."""
         if self.interleaved:
-            return np.array([BOS, self.target_marker], dtype=np.int64)
-        return np.concatenate([[BOS], self.source_ids(source), [SEP, self.target_marker]]).astype(np.int64)
+            return np.array([self.bos, self.target_marker], dtype=np.int64)
+        return np.concatenate([[self.bos], self.source_ids(source), [self.sep, self.target_marker]]).astype(np.int64)
 
     def encode(self, aa: str, codes) -> np.ndarray:
         """One training example as token ids (int64); len(codes) must equal len(aa)."""
@@ -228,7 +242,7 @@ class Vocab:
         src, tgt = (s, a) if self.inverse else (a, s)
         if self.interleaved:
             tgt = np.stack([src, tgt], axis=1).reshape(-1)   # x_1 y_1 x_2 y_2 ...
-        return np.concatenate([self.prompt(codes if self.inverse else aa), tgt, [EOS]]).astype(np.int64)
+        return np.concatenate([self.prompt(codes if self.inverse else aa), tgt, [self.eos]]).astype(np.int64)
 
     def decode(self, ids) -> tuple[str, np.ndarray]:
         """Inverse of `encode`: (amino acids, structure codes)."""
@@ -241,7 +255,7 @@ class Vocab:
     def loss_mask(self, ids) -> np.ndarray:
         """bool, same shape as ids: True where the token is a training *target* (target token or <eos>)."""
         ids = np.asarray(ids)
-        return self.is_target(ids) | (ids == EOS)
+        return self.is_target(ids) | (ids == self.eos)
 
     def labels(self, ids) -> np.ndarray:
         """HF-style labels: the ids where `loss_mask`, IGNORE_INDEX elsewhere (HF shifts internally)."""
