@@ -1,10 +1,14 @@
 #!/usr/bin/env python
 """Stage 04: protein DB -> token shards (amino acids paired with structure tokens) for the translator LM.
 
+--direction seq2struct (default) makes examples that translate amino acids into structure tokens;
+--direction struct2seq the reverse (inverse folding: <bos> s1..sL <sep> <aa> a1..aL <eos>, loss on the
+amino acids and <eos>). vocab.json records the direction; stages 05, 06 and predict follow it.
+
 Inputs : --db (stage-01 protein DB); esm kind: --codebook (stage 03) and --embeddings (stage 02);
          geo kind: the geo codebook --geo-codebook (fit on TRAIN chains); kanzi kind:
          --kanzi-checkpoint (Kanzi weights, plus the kanzi package; chains of at most 255 residues).
-Outputs: --out (default data/tokens/<kind>[_interleaved]/): vocab.json, <split>/shard_*.bin + .idx.npz,
+Outputs: --out (default data/tokens/<kind>[_interleaved][_struct2seq]/): vocab.json, <split>/shard_*.bin + .idx.npz,
          work/ (per-DB-shard markers, statistics, rejects), report.json, token_frequency.png,
          lengths.png (geo: geo_rmsd_hist.png, geo_rmsd_vs_length.png), rejects.tsv, and manifest.json
          last. geo kind: --geo-codebook (default data/geo/geo_codebook_K<K>.npz). kanzi kind with

@@ -1,18 +1,24 @@
 #!/usr/bin/env python
 """Stage 06: evaluate a trained translator on the held-out split: generate, decode, score, compare.
 
+The checkpoint's vocab.json says the direction: seq2struct (structure tokens from the sequence) or
+struct2seq (inverse folding: sequences designed from structure tokens, scored by native sequence
+recovery; --consistency-checkpoint folds them back with a seq2struct model).
+
 Reads   a checkpoint of stage 05 (--checkpoint: a checkpoint dir or a run dir, default
-        data/runs/<run>/final), its token shards (--tokens, default data/tokens/<kind>[_interleaved]),
-        the protein DB for the true C-alpha (--db, default data/db).
+        data/runs/<run>/final), its token shards (--tokens, default data/tokens/<kind>[_interleaved][_struct2seq]),
+        the protein DB for the true C-alpha (--db, default data/db); struct2seq: optionally a
+        seq2struct checkpoint of the same token kind (--consistency-checkpoint).
 Writes  data/eval/<run>/ (--out): metrics.json (written last), per_protein.tsv, predictions.fasta,
         skipped.tsv (examples that could not be evaluated, with the reason), baselines.npz,
-        accuracy_vs_length.png, confusion_3di.png (3Di), rmsd_tm_vs_length.png, rmsd_tm_hist.png,
-        ca_traces_3d.png and pdb/<id>_pred_vs_true.pdb (decodable kinds), work/ (resume state: one
-        part per chunk of proteins). Layout: data/README.md, section stage 06.
+        accuracy_vs_length.png, confusion_3di.png (3Di), substitution_matrix.png (struct2seq),
+        rmsd_tm_vs_length.png, rmsd_tm_hist.png, ca_traces_3d.png and pdb/<id>_pred_vs_true.pdb
+        (decodable kinds), work/ (resume state: one part per chunk of proteins). Layout: data/README.md,
+        section stage 06.
 
 SLURM arrays: each task evaluates the DB shards `--num-shards/--shard-index` give it; then run once
 with --finalize. Without an array (one task) the finalize step runs at the end by itself.
-Prediction for your own sequences: python -m tokenfold.predict --help
+Prediction for your own sequences, or designs for your own structures: python -m tokenfold.predict --help
 """
 from __future__ import annotations
 

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                 b = collate([stream.example(i) for i in bi], vocab, layout)
                 with autocast(device, amp):
                     logits = model(**b.model_inputs(device), use_cache=False).logits
-                loss_sum, _ = token_stats(logits, b.labels, vocab.struct_offset)
+                loss_sum, _ = token_stats(logits, b.labels, vocab.eos)
                 (loss_sum / max(b.n_loss, 1)).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step(); opt.zero_grad(set_to_none=True)

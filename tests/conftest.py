@@ -45,15 +45,16 @@ def foldseek_chains(min_len: int = 1, max_len: int = 10**9) -> list[tuple[str, s
     return chains
 
 
-def write_threedi_tokens(root, splits: dict, shard_size: int = 64):
+def write_threedi_tokens(root, splits: dict, shard_size: int = 64, **layout):
     """A stage-04-format token directory (vocab.json + <split>/shard_*.bin/.idx.npz) of 3Di examples.
 
-    splits: {"train": [(id, aa, 3di), ...], "val": [...]}; returns root as a Path."""
+    splits: {"train": [(id, aa, 3di), ...], "val": [...]}; `layout`: Vocab.for_kind's interleaved=,
+    direction=; returns root as a Path."""
     from tokenfold.shards import TokenShardWriter
     from tokenfold.vocab import Vocab
 
     root = Path(root)
-    vocab = Vocab.for_kind("3di")
+    vocab = Vocab.for_kind("3di", **layout)
     vocab.save(root / "vocab.json")
     k = 0
     for split, chains in splits.items():

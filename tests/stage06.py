@@ -4,6 +4,7 @@ Models are transformers' own LlamaForCausalLM, either *randomly initialised* (wh
 machinery, not what a model learned) or with hand-written weights whose outputs are known:
 
 - `bigram_llama`: the next token depends only on the current one (a table);
+- `fixed_logits_llama`: the same logits whatever the input (a hand-written logit per token);
 - `constant_checkpoint`: the same logits whatever the input (one structure code `logit`, the rest 0).
 """
 from __future__ import annotations
@@ -89,6 +90,20 @@ def constant_checkpoint(vocab: Vocab, out: Path, code: int, logit: float) -> Pat
         W.zero_()
         W[vocab.struct_offset + code] = logit / W.shape[1]
     return _save(m, vocab, out)
+
+
+def fixed_logits_llama(vocab: Vocab, logits: dict[int, float]):
+    """A Llama whose logits are the same whatever it reads: `logits[token id]` for the ids given, 0 for
+    the others (embeddings all ones, layers adding nothing, one lm_head row per given token)."""
+    m = tiny_llama(vocab, layers=1)
+    with torch.no_grad():
+        _identity_layers(m)
+        m.model.embed_tokens.weight.fill_(1.0)
+        W = m.lm_head.weight
+        W.zero_()
+        for tok, x in logits.items():
+            W[tok] = x / W.shape[1]
+    return m
 
 
 # ----------------------------------------------------------------------------- stages 04 and 06

@@ -3,7 +3,9 @@
 - geo tokens: decoding, trace metrics next to the tokenizer ceiling, cropped examples compared with
   the right residues, PDB files superposed on the truth, pictures, bad examples skipped and recorded;
 - resume: a run cut short and finished later equals an uninterrupted run; SLURM-style array tasks;
-- `python -m tokenfold.predict`: FASTA in, tokens (and C-alpha PDB files) out, bad records rejected.
+- `python -m tokenfold.predict`: FASTA in, tokens (and C-alpha PDB files) out, bad records rejected;
+- struct2seq (inverse folding): recovery, substitution matrix, self-consistency; design from
+  PDB/mmCIF files or 3Di strings.
 
 What the report computes (accuracy, baselines, perplexity) is pinned on a model with known outputs in
 tests/test_eval_report.py.
@@ -187,3 +189,126 @@ def test_predict_geo_writes_ca_pdb_files(geo_setup, tmp_path):
     st = gemmi.read_structure(str(tmp_path / "pred" / "pdb" / "p2_odd_name.pdb"))
     ca = [res[0] for res in st[0]["A"]]
     assert [a.name for a in ca] == ["CA"] * 5 and gemmi.one_letter_code([r.name for r in st[0]["A"]]).upper() == "GSHMW"
+
+
+# ----------------------------------------------------------------------------- struct2seq: design
+@pytest.fixture(scope="module")
+def design_setup(small_db, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaldesign")
+    tok = tokenize(small_db, root / "tokens", "3di", direction="struct2seq")
+    ckpt = random_checkpoint(Vocab.load(tok), root / "ckpt_RANDOM")
+    fold = random_checkpoint(Vocab.for_kind("3di"), root / "fold_RANDOM")   # seq2struct, for self-consistency
+    return root, tok, ckpt, fold
+
+
+def test_struct2seq_recovery_substitutions_and_self_consistency(design_setup, small_db):
+    """The report of a (random) designer, recomputed here from the token shards and its own files:
+    recovery against the native sequences (X not scored), the 20x20 substitution matrix, recovery by
+    length, the baselines of struct2seq, and the folding model's agreement with the input 3Di."""
+    from tokenfold.checkpoint import load_for_inference
+    from tokenfold.generate import generate
+
+    root, tok, ckpt, fold = design_setup
+    out = root / "eval"
+    assert evaluate_cli("--checkpoint", ckpt, "--db", small_db, "--tokens", tok, "--out", out,
+                        "--consistency-checkpoint", fold, "--repetition-penalty", "1.2") == 0
+    m = json.loads((out / "metrics.json").read_text())
+    t, v = m["tokens_metrics"], Vocab.load(tok)
+    assert m["direction"] == "struct2seq" and m["decoding"]["repetition_penalty"] == 1.2
+    assert set(t["baselines"]) == {"most_frequent", "per_struct_token", "window"} and "structure" not in m
+    ds = TokenDataset(tok, "test")
+    native = {str(ds.ids[i]): v.decode(ds[i]) for i in range(len(ds))}
+    designs = dict(zip(*[iter((out / "predictions.fasta").read_text().split())] * 2))
+    assert set(designs) == {f">{k}" for k in native} and m["n_proteins"] == len(native)
+    hits, n_x = [], 0
+    for pid, (aa, _) in native.items():
+        d = designs[f">{pid}"]
+        assert len(d) == len(aa) and set(d) <= set("ACDEFGHIKLMNPQRSTVWY")
+        hits += [a == b for a, b in zip(d, aa) if b != "X"]
+        n_x += aa.count("X")
+    assert t["accuracy"] == pytest.approx(np.mean(hits)) and m["n_residues"] == len(hits) + n_x
+    cm = np.array(m["substitution_matrix"]["counts"])
+    assert cm.shape == (20, 20) and cm.sum() == len(hits) and np.trace(cm) == sum(hits)
+    assert sum(b["residues"] for b in t["accuracy_by_length_per_residue"]) == len(hits)
+    assert sum(b["n"] for b in t["accuracy_by_length"]) == len(native)
+    # self-consistency: the seq2struct model run on the designs (and on the natives), against the input 3Di
+    fmodel, fvocab = load_for_inference(fold, device="cpu")
+    ids = list(native)
+    for key, seqs in (("agreement_designed", [designs[f">{p}"] for p in ids]),
+                      ("agreement_native", [native[p][0] for p in ids])):
+        folded = generate(fmodel, fvocab, seqs)
+        agree = np.concatenate([g.codes == native[p][1] for g, p in zip(folded, ids)])
+        assert m["self_consistency"][key] == pytest.approx(agree.mean()), key
+    rows = tsv(out / "per_protein.tsv")
+    assert {"cons_agreement", "cons_native_agreement", "loglik", "acc_per_struct_token"} <= set(rows[0])
+    assert all(float(r["loglik"]) < 0 for r in rows)
+    for png in ("accuracy_vs_length.png", "substitution_matrix.png"):
+        assert (out / png).stat().st_size > 10_000
+    # the folding model must be a seq2struct model of the same tokens
+    with pytest.raises(SystemExit):
+        evaluate_cli("--checkpoint", ckpt, "--db", small_db, "--tokens", tok, "--out", root / "bad",
+                     "--consistency-checkpoint", ckpt)
+
+
+def test_predict_designs_from_structure_files_and_3di(design_setup, tmp_path):
+    """Design mode: PDB/mmCIF files (3Di through mini3di) or a FASTA of 3Di strings in, a FASTA of N
+    designed sequences per structure with their log-likelihoods out; bad inputs rejected."""
+    from conftest import small_db_inputs
+    from tokenfold.structure import parse_structure_file
+
+    _, _, ckpt, _ = design_setup
+    files = small_db_inputs()[:2]
+    junk = tmp_path / "junk.pdb"
+    junk.write_text("not a structure\n")
+    fasta = tmp_path / "s.fa"
+    fasta.write_text(">three\nDVLLPQ CDD\n>bad\nDVLB\n>empty\n")
+    r = subprocess.run([sys.executable, "-m", "tokenfold.predict", "--checkpoint", str(ckpt), "--structures",
+                        *map(str, files), str(junk), "--fasta", str(fasta), "--out", str(tmp_path / "d"),
+                        "--num-designs", "3", "--sample", "--temperature", "0.8", "--repetition-penalty", "1.3"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "d" / "designs.fasta").read_text().splitlines()
+    recs = list(zip(lines[::2], lines[1::2]))
+    chains = [(c.aa) for f in files for c in parse_structure_file(f).chains if len(c)]
+    assert len(recs) == 3 * (len(chains) + 1)
+    for head, seq in recs:
+        f = dict(w.split("=") for w in head.split()[1:])
+        assert head.startswith(">") and set(seq) <= set("ACDEFGHIKLMNPQRSTVWY") and int(f["L"]) == len(seq)
+        assert float(f["loglik"]) < 0 and float(f["mean_loglik"]) == pytest.approx(float(f["loglik"]) / len(seq), abs=1e-3)
+    assert [h.split()[1] for h, _ in recs[:3]] == ["design=1", "design=2", "design=3"]
+    assert len({s for _, s in recs[:3]}) > 1                                  # sampled: different designs
+    three = [s for h, s in recs if h.startswith(">three ")]
+    assert len(three) == 3 and all(len(s) == 9 and "recovery=" not in h for h, s in recs if h.startswith(">three "))
+    assert sorted(len(s) for h, s in recs if "recovery=" in h) == sorted(len(a) for a in chains for _ in range(3))
+    rejects = dict(ln.split("\t") for ln in (tmp_path / "d" / "rejects.tsv").read_text().splitlines()[1:])
+    assert set(rejects) == {"junk.pdb", "bad", "empty"}
+
+
+def test_predict_designs_from_geo_tokens_of_a_structure_file(geo_setup, small_db, tmp_path):
+    """A geo struct2seq checkpoint tokenizes a PDB file with its own geo codebook: the reported
+    log-likelihood is the model's for the design given exactly those geo tokens."""
+    import torch
+
+    from conftest import small_db_inputs
+    from tokenfold.checkpoint import load_for_inference
+    from tokenfold.geotokens import GeoCodebook
+    from tokenfold.predict import main
+    from tokenfold.structure import parse_structure_file
+
+    root, _, _ = geo_setup
+    tok = tokenize(small_db, tmp_path / "tok", "geo", direction="struct2seq", geo_k=64, geo_refine_iters=1,
+                   geo_codebook=str(root / "geo_K64.npz"))   # the geo_setup codebook (same fit: reused)
+    v = Vocab.load(tok)
+    ckpt = random_checkpoint(v, tmp_path / "ckpt_RANDOM")
+    f = small_db_inputs()[0]
+    assert main(["--checkpoint", str(ckpt), "--structures", str(f), "--out", str(tmp_path / "d")]) == 0
+    head, seq = (tmp_path / "d" / "designs.fasta").read_text().splitlines()[:2]
+    chain = next(c for c in parse_structure_file(f).chains if len(c))
+    codes = GeoCodebook.from_vocab(v, tok).encode(chain.ca, chain.gap_before)
+    model, _ = load_for_inference(ckpt, device="cpu")
+    ids = torch.as_tensor(v.encode(seq, codes))
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids[None]).logits[0, :-1].double(), -1)
+    on = torch.as_tensor(v.is_target(ids[1:].numpy()))
+    expected = float(lp[torch.arange(len(ids) - 1), ids[1:]][on].sum())
+    assert float(dict(w.split("=") for w in head.split()[1:])["loglik"]) == pytest.approx(expected, abs=2e-3)

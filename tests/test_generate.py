@@ -1,5 +1,6 @@
-"""Batched constrained generation: equal to one-by-one HF generate() under the same constraints,
-sampling within top-k / top-p, unconstrained validity and length match.
+"""Batched constrained generation, both directions: equal to one-by-one HF generate() under the same
+constraints (also with HF's repetition penalty and n-gram blocking), sampling within top-k / top-p,
+the repetition controls on hand-made cases, log-likelihoods, unconstrained validity and length match.
 
 The models (tests/stage06.py) are tiny transformers LlamaForCausalLM, randomly initialised or with
 hand-written weights: what is tested is the decoding machinery, not what a model learned.
@@ -8,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from stage06 import bigram_llama, random_seqs, tiny_llama
-from tokenfold.generate import Sampling, generate
+from stage06 import bigram_llama, fixed_logits_llama, random_seqs, tiny_llama
+from tokenfold.generate import generate
+from tokenfold.sampling import Sampling
 from tokenfold.generate_reference import reference_generate
 from tokenfold.vocab import AA_LETTERS, EOS, Vocab
 
@@ -128,3 +130,76 @@ def test_unconstrained_validity_and_length_match():
     early = bigram_llama(vi, {}, default=EOS)
     out = generate(early, vi, ["MKV"], constrained=False)
     assert out[0].valid and not out[0].length_match and len(out[0].codes) == 0
+
+
+# ----------------------------------------------------------------------------- struct2seq, repetition controls
+def random_structures(n, lo, hi, n_struct, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, n_struct, size=int(L)) for L in rng.integers(lo, hi, size=n)]
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["plain", "interleaved"])
+def test_struct2seq_greedy_is_hf_generate_and_designs_amino_acids(interleaved):
+    """struct2seq: one of the 20 amino acids per residue (never X), equal to HF generate() under the same
+    constraints, also with HF's repetition_penalty; n-gram blocking equals HF's no_repeat_ngram_size
+    in the plain layout (where only generated tokens can repeat an n-gram)."""
+    v = Vocab.for_kind("3di", interleaved=interleaved, direction="struct2seq")
+    m = tiny_llama(v, seed=1)
+    structs = [np.array([3]), np.array([0, 19])] + random_structures(7, 3, 40, v.n_struct, seed=2)
+    controls = [{}, {"repetition_penalty": 1.7}] + ([] if interleaved else [{"no_repeat_ngram": 2}])
+    designs = []
+    for kw in controls:
+        out = generate(m, v, structs, batch_size=4, sampling=Sampling(**kw))
+        designs.append([v.target_text(g.codes) for g in out])
+        hf = {"repetition_penalty": kw.get("repetition_penalty", 1.0), "no_repeat_ngram_size": kw.get("no_repeat_ngram", 0)}
+        for s, g in zip(structs, out):
+            assert len(g.codes) == len(s) and g.codes.min() >= 0 and g.codes.max() < 20, kw
+            aa = v.target_text(g.codes)
+            assert np.array_equal(v.encode(aa, s), reference_generate(m, v, s, **hf)), (kw, s)
+    assert all(d != designs[0] for d in designs[1:])    # each control changed some design
+
+
+def test_loglik_is_the_models_likelihood_of_what_it_generated():
+    """Generation.loglik = the teacher-forced log-probability of the generated tokens (without <eos>)."""
+    for v, srcs in ((Vocab.for_kind("3di", direction="struct2seq"), random_structures(4, 3, 20, 20, seed=3)),
+                    (Vocab.for_kind("geo", n_struct=66, interleaved=True), random_seqs(4, 3, 20, seed=3))):
+        m = tiny_llama(v, seed=2)
+        for src, g in zip(srcs, generate(m, v, srcs, sampling=Sampling(do_sample=True, seed=5))):
+            aa, codes = (v.target_text(g.codes), src) if v.inverse else (src, g.codes)
+            ids = torch.as_tensor(v.encode(aa, codes))
+            with torch.no_grad():
+                lp = torch.log_softmax(m(input_ids=ids[None]).logits[0, :-1].double(), -1)
+            tgt = ids[1:]
+            on = torch.as_tensor(v.is_target(tgt.numpy()))
+            assert g.loglik == pytest.approx(float(lp[torch.arange(len(tgt)), tgt][on].sum()), rel=1e-4)
+
+
+def _design(logits_of: dict[str, float], L: int, **kw) -> str:
+    """Greedy struct2seq design of L residues by a model with fixed logits per amino acid."""
+    v = Vocab.for_kind("3di", direction="struct2seq")
+    m = fixed_logits_llama(v, {v.aa_offset + AA_LETTERS.index(a): x for a, x in logits_of.items()})
+    return v.target_text(generate(m, v, [np.zeros(L, int)], sampling=Sampling(**kw))[0].codes)
+
+
+def test_repetition_penalty_on_a_hand_made_case():
+    """CTRL's rule, worked out by hand: a token already generated has its logit divided by the penalty
+    when positive and multiplied by it when negative, once, however often it was generated."""
+    pos = {"A": 2.0, "C": 1.5, "D": 0.3, "E": -0.1}        # every other amino acid: logit 0
+    assert _design(pos, 6) == "AAAAAA"                                      # no penalty: greedy repeats A
+    assert _design(pos, 6, repetition_penalty=1.5) == "ACAAAA"              # A: 2/1.5 = 1.33 < C 1.5; then A > C/1.5
+    assert _design(pos, 6, repetition_penalty=10.0) == "ACDAAA"             # A 0.2, C 0.15 < D 0.3; then A 0.2 > 0
+    neg = {a: -2.0 for a in AA_LETTERS[:20]} | {"A": -0.5, "C": -0.6}
+    assert _design(neg, 5) == "AAAAA"
+    assert _design(neg, 5, repetition_penalty=2.0) == "ACAAA"               # negative: A -0.5*2 = -1 < C -0.6
+    assert _design(neg, 5, repetition_penalty=0.5) == "AAAAA"               # p < 1 favours repeats
+    with pytest.raises(ValueError):
+        Sampling(repetition_penalty=0)
+
+
+def test_no_repeat_ngram_on_a_hand_made_case():
+    """No bigram twice: after A the tokens that already followed an A are forbidden, so the model walks
+    down its preferences A > C > D > E; a row with every choice forbidden falls back to no blocking."""
+    pref = {"A": 3.0, "C": 2.0, "D": 1.0, "E": 0.5}
+    assert _design(pref, 8, no_repeat_ngram=2) == "AACADAEA"
+    assert _design(pref, 4, no_repeat_ngram=1)[:4] == "ACDE"                # unigrams: no token twice
+    assert len(set(_design(pref, 25, no_repeat_ngram=1))) == 20              # then the fallback, not a crash

@@ -77,3 +77,32 @@ def test_token_shards_are_read_in_the_llm_ids(random_llm, tmp_path):
     plain, mapped = hf_vocab.token_dataset(tokdir, "train", Vocab.load(tokdir)), hf_vocab.token_dataset(tokdir, "train", v)
     assert len(mapped) == 3 and (mapped.lengths == plain.lengths).all() and list(mapped.ids) == list(plain.ids)
     assert (mapped[1] == plain[1].astype(np.int64) + v.id_offset).all() and mapped[1][0] == v.bos
+
+
+def test_struct2seq_inside_an_llm_adds_the_aa_marker_and_generates_amino_acids(random_llm):
+    """An extended struct2seq vocabulary (stage 05 --init-from on struct2seq tokens): <tf_aa> is added
+    after the structure tokens, the example is one token per added token, the loss is on the amino
+    acids and <eos>, and constrained generation / teacher forcing work in the LLM's ids."""
+    from tokenfold.generate import generate
+    from tokenfold.teacher_forcing import teacher_forced
+
+    path = random_llm("llama")
+    tok = hf_vocab.load_tokenizer(path)
+    base = len(tok)
+    minimal = Vocab.for_kind("3di", direction="struct2seq")
+    v = hf_vocab.extend_tokenizer(tok, minimal, "test")
+    assert v.inverse and v.id_offset == base and len(tok) == v.size == base + minimal.size
+    assert tok.convert_tokens_to_ids("<tf_aa>") == v.aa_marker_id == v.size - 1
+    seq = "MKTAYIAKQR"
+    codes = np.arange(len(seq)) % 20
+    example = v.encode(seq, codes)
+    assert (example == minimal.encode(seq, codes) + base).all()
+    names = hf_vocab.token_names(minimal)
+    assert tok("".join(names[i - base] for i in example), add_special_tokens=False).input_ids == list(example)
+    assert v.loss_mask(example).sum() == len(seq) + 1 and v.is_target(example[v.loss_mask(example)][:-1]).all()
+    model = AutoModelForCausalLM.from_pretrained(path)
+    hf_vocab.fit_embeddings(model, v)
+    g = generate(model, v, [codes])[0]
+    assert len(g.codes) == len(seq) and (g.codes >= 0).all() and (g.codes < 20).all()
+    tf = teacher_forced(model, v, [example])[0]
+    assert tf.n_targets == len(seq) + 1 and len(tf.pred_codes) == len(seq) and np.isfinite(tf.nll)

@@ -34,7 +34,7 @@ def test_loss_mask_never_on_amino_acids(interleaved):
         # the training loss counts exactly those targets: shifting by one never puts an aa in the loss
         V = v.size
         logits = torch.randn(ids.shape[0], ids.shape[1], V)
-        loss_sum, _ = token_stats(logits, b.labels, v.struct_offset)
+        loss_sum, _ = token_stats(logits, b.labels, v.eos)
         lp = torch.log_softmax(logits[:, :-1], -1)
         tgt = torch.from_numpy(ids[:, 1:])
         keep = torch.from_numpy(v.loss_mask(ids[:, 1:]) & (lab[:, 1:] != IGNORE_INDEX))
@@ -52,13 +52,13 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
     b = collate(_examples(v, 3), v, "padded")
     model = build_model(build_config("tiny", v, {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96}),
                         seed=0)
-    full_loss, full_correct = token_stats(model(input_ids=b.input_ids).logits, b.labels, v.struct_offset)
+    full_loss, full_correct = token_stats(model(input_ids=b.input_ids).logits, b.labels, v.eos)
     full_loss.backward()
     ref = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     lm = LossModel(model, chunk=7)      # far fewer rows per chunk than the ~100 loss targets
     assert b.n_loss > 10 * lm.chunk
-    loss, correct = lm(b.input_ids, b.labels, v.struct_offset)
+    loss, correct = lm(b.input_ids, b.labels, v.eos)
     loss.backward()
     torch.testing.assert_close(loss, full_loss, rtol=1e-5, atol=1e-4)
     assert int(correct) == int(full_correct)
@@ -66,6 +66,6 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6)
     with torch.no_grad():   # validation: no recomputation, the same numbers
         h = model.model(input_ids=b.input_ids).last_hidden_state
-        nl, nc = chunked_stats(h, model.lm_head, b.labels, v.struct_offset, chunk=5)
+        nl, nc = chunked_stats(h, model.lm_head, b.labels, v.eos, chunk=5)
     torch.testing.assert_close(nl, full_loss.detach(), rtol=1e-5, atol=1e-4)
     assert int(nc) == int(full_correct)

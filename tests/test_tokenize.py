@@ -140,6 +140,35 @@ def test_entries_without_structure_are_skipped_and_recorded(small_db, tmp_path):
         run(tok_cfg(root, tmp_path / "none", kind="3di"))
 
 
+def test_direction_round_trips_through_the_shards(small_db, tmp_path):
+    """--direction struct2seq: vocab.json and the manifest say so, every example is <bos> s1..sL <sep> <aa>
+    a1..aL <eos> of its DB chain, and stage 05's batches take the loss on the amino acids and <eos> only."""
+    from tokenfold.data import collate
+    from tokenfold.vocab import EOS, IGNORE_INDEX
+
+    assert TokenizeConfig(kind="3di", direction="struct2seq").name == "3di_struct2seq"
+    out = tmp_path / "tok"
+    assert tokenize_cli("--tokens", "3di", "--direction", "struct2seq", "--db", small_db, "--out", out,
+                        "--max-length", 80) == 0
+    vocab, ex = read_examples(out)
+    assert vocab.direction == "struct2seq" and json.loads((out / "manifest.json").read_text())["direction"] == "struct2seq"
+    assert json.loads((out / "report.json").read_text())["direction"] == "struct2seq"
+    db = ProteinDB(small_db)
+    rows = [r for split in ex.values() for r in split]
+    assert len(rows) == len(db) and any(r[3] == 80 for r in rows)    # cropped chains among them
+    for pid, g, crop, n, aa, codes, ids in rows:
+        rec = db[g]
+        assert rec.id == pid and aa == rec.aa[crop:crop + n] and vocab.symbols(codes) == rec.ss[crop:crop + n]
+        assert ids.tolist() == [1, *vocab.struct_ids(codes), 2, vocab.aa_marker_id, *vocab.aa_ids(aa), EOS]
+    exs = [r[-1] for r in ex["train"][:5]]
+    b = collate(exs, vocab, "padded")
+    lab = b.labels.numpy()
+    assert b.n_struct == sum(r[3] for r in ex["train"][:5]) == int(vocab.is_target(lab).sum())
+    assert (lab[lab != IGNORE_INDEX] < vocab.struct_offset).all()          # never a structure token
+    with pytest.raises(SystemExit):
+        tokenize_cli("--tokens", "3di", "--db", small_db, "--out", tmp_path / "x", "--direction", "sideways")
+
+
 def test_cli(small_db, tmp_path):
     env = {"PATH": "/usr/bin:/bin", "TOKENFOLD_DATA": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
     h = subprocess.run([sys.executable, "04_tokenize.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -160,14 +189,14 @@ def test_every_flag_reaches_its_setting():
     """Every flag 04_tokenize.py had before its flags were derived from TokenizeConfig (all but the
     removed --geo-wait-s) still parses, into the same setting."""
     p = tokenize_cli_module().parser()
-    a = p.parse_args(["--tokens", "geo", "--interleaved", "--db", "D", "--out", "O", "--max-length", "7",
+    a = p.parse_args(["--tokens", "geo", "--interleaved", "--direction", "struct2seq", "--db", "D", "--out", "O", "--max-length", "7",
                       "--long-policy", "drop", "--seed", "3", "--overwrite", "--geo-k", "9", "--geo-codebook", "G",
                       "--geo-fit-max-residues", "11", "--geo-refine-iters", "2", "--geo-beam", "4", "--codebook", "C",
                       "--embeddings", "E", "--esm-model", "M", "--random-weights-for-testing", "--device", "cpu",
                       "--kanzi-checkpoint", "K", "--kanzi-decode-steps", "5", "--finalize", "--fit-geo-codebook",
                       "--refit-geo", "--num-shards", "2", "--shard-index", "1", "-v"])
     assert asdict(options_from_args(TokenizeConfig, a)) == {
-        "db": "D", "kind": "geo", "interleaved": True, "out": "O", "max_length": 7, "long_policy": "drop", "seed": 3,
+        "db": "D", "kind": "geo", "interleaved": True, "direction": "struct2seq", "out": "O", "max_length": 7, "long_policy": "drop", "seed": 3,
         "overwrite": True, "geo_k": 9, "geo_codebook": "G", "geo_fit_max_residues": 11, "geo_refine_iters": 2,
         "geo_beam": 4, "codebook": "C", "embeddings": "E", "esm_model": "M", "random_weights_for_testing": True,
         "device": "cpu", "kanzi_checkpoint": "K", "kanzi_decode_steps": 5}

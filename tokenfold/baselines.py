@@ -1,16 +1,24 @@
-"""What a model must beat: structure tokens guessed from the amino acids alone, fit on the train split.
+"""What a model must beat: the target guessed from the source alone, residue by residue, fit on the train split.
 
-- ``most_frequent``: the train split's most frequent structure token, for every residue.
-- ``per_aa``: for each amino acid, its most frequent structure token (unseen amino acid: the overall one).
+Direction-generic (`tokenfold.vocab`): the *input* of residue i is its source code (its amino acid
+for seq2struct; its structure token for struct2seq) and the *output* its target code (a structure
+token; an amino acid for struct2seq).
+
+- ``most_frequent``: the train split's most frequent output, for every residue.
+- ``per_aa`` (seq2struct) / ``per_struct_token`` (struct2seq): for each input code, its most frequent
+  output (an input unseen in training: the overall one).
 - ``window`` (3Di, or any kind when asked): multinomial logistic regression (scikit-learn) on the
-  one-hot amino acids of residues i-7..i+7 (21 letters + "outside the chain" per position).
+  one-hot input codes of residues i-7..i+7 (each input code + "outside the chain" per position).
 
 On experimental chains the published 3Di numbers are: 'V' alone ~17%, per amino acid ~18%, the
 windowed classifier ~24% (on AFDB models 'D' alone is ~24%). A model that does not beat these has
 learned nothing about structure.
 
-The fitted baselines are a small ``.npz`` (no pickle): counts, per-amino-acid table and the
-classifier's coefficients; prediction is a sparse matrix product, no scikit-learn object needed.
+struct2seq outputs are the 20 standard amino acids: X (unknown) residues are left out of the fit
+(`fit`'s ``skip_output``), so no baseline ever guesses X.
+
+The fitted baselines are a small ``.npz`` (no pickle): counts, per-input table and the classifier's
+coefficients; prediction is a sparse matrix product, no scikit-learn object needed.
 """
 from __future__ import annotations
 
@@ -29,8 +37,6 @@ from .vocab import AA_LETTERS, AA_LUT, Vocab
 log = logging.getLogger("tokenfold.baselines")
 
 N_AA = len(AA_LETTERS)       # 21 (20 + X)
-OUTSIDE = N_AA               # one-hot slot for "position outside the chain"
-NAMES = ("most_frequent", "per_aa", "window")
 
 
 def aa_index(aa: str) -> np.ndarray:
@@ -38,26 +44,28 @@ def aa_index(aa: str) -> np.ndarray:
     return AA_LUT[np.frombuffer(aa.encode("ascii"), dtype=np.uint8)]
 
 
-def window_features(aa: str, window: int = 7):
-    """scipy CSR [L, (2w+1)*22]: one-hot amino acid (or 'outside') at each offset -w..w."""
+def window_features(x: np.ndarray, n_in: int, window: int = 7):
+    """scipy CSR [L, (2w+1)*(n_in+1)]: one-hot input code (or 'outside', slot n_in) at each offset -w..w."""
     from scipy.sparse import csr_matrix
 
-    a = aa_index(aa)
+    a = np.asarray(x, dtype=np.int64)
     L = len(a)
     width = 2 * window + 1
-    padded = np.concatenate([np.full(window, OUTSIDE), a, np.full(window, OUTSIDE)])
-    # column of (residue i, offset o) = o * 22 + letter at i + o - w
+    padded = np.concatenate([np.full(window, n_in), a, np.full(window, n_in)])
+    # column of (residue i, offset o) = o * (n_in + 1) + code at i + o - w
     idx = np.arange(L)[:, None] + np.arange(width)[None, :]
-    cols = (np.arange(width)[None, :] * (N_AA + 1) + padded[idx]).ravel()
+    cols = (np.arange(width)[None, :] * (n_in + 1) + padded[idx]).ravel()
     rows = np.repeat(np.arange(L), width)
-    return csr_matrix((np.ones(L * width, dtype=np.float32), (rows, cols)), shape=(L, width * (N_AA + 1)))
+    return csr_matrix((np.ones(L * width, dtype=np.float32), (rows, cols)), shape=(L, width * (n_in + 1)))
 
 
 @dataclass
 class Baselines:
-    n_struct: int
-    counts: np.ndarray              # int64 [n_struct]: token frequencies in the fitting sample
-    per_aa: np.ndarray              # int64 [21]: most frequent token per amino acid
+    n_in: int                       # input codes: 21 amino-acid letters (seq2struct) or the structure tokens
+    n_out: int                      # output codes: the structure tokens (seq2struct) or 21 amino-acid letters
+    counts: np.ndarray              # int64 [n_out]: output frequencies in the fitting sample
+    per_input: np.ndarray           # int64 [n_in]: most frequent output per input code
+    per_name: str = "per_aa"        # the name of the per-input baseline: per_aa | per_struct_token
     window: int = 7
     coef: np.ndarray | None = None  # float32 [C, F] logistic regression (None: not fitted)
     intercept: np.ndarray | None = None
@@ -70,46 +78,57 @@ class Baselines:
 
     @property
     def names(self) -> list[str]:
-        return [n for n in NAMES if n != "window" or self.coef is not None]
+        return ["most_frequent", self.per_name] + (["window"] if self.coef is not None else [])
 
     # ---- fitting
     @classmethod
-    def fit(cls, examples: Iterable[tuple[str, np.ndarray]], n_struct: int, windowed: bool = True, window: int = 7,
-            max_residues: int = 200_000, C: float = 1.0, max_iter: int = 300, seed: int = 0) -> "Baselines":
-        """Fit on (amino acids, structure codes) pairs, taking whole examples until `max_residues`."""
-        seqs, codes = [], []
+    def for_vocab(cls, vocab: Vocab, examples: Iterable[tuple[np.ndarray, np.ndarray]], **kw) -> "Baselines":
+        """`fit` with the input/output sizes and names of `vocab`'s direction (X never an output of struct2seq)."""
+        return cls.fit(examples, vocab.n_source, vocab.n_target, per_name="per_struct_token" if vocab.inverse
+                       else "per_aa", skip_output=N_AA - 1 if vocab.inverse else None, **kw)
+
+    @classmethod
+    def fit(cls, examples: Iterable[tuple[np.ndarray, np.ndarray]], n_in: int, n_out: int, per_name: str = "per_aa",
+            windowed: bool = True, window: int = 7, max_residues: int = 200_000, C: float = 1.0, max_iter: int = 300,
+            seed: int = 0, skip_output: int | None = None) -> "Baselines":
+        """Fit on (input codes, output codes) pairs, taking whole examples until `max_residues`; residues
+        whose output is `skip_output` are left out of the fit (never predicted)."""
+        xs, ys = [], []
         n = 0
-        for aa, c in examples:
+        for x, y in examples:
             if n >= max_residues:
                 break
-            seqs.append(aa)
-            codes.append(np.asarray(c, dtype=np.int64))
-            n += len(aa)
-        if not seqs:
+            xs.append(np.asarray(x, dtype=np.int64))
+            ys.append(np.asarray(y, dtype=np.int64))
+            n += len(x)
+        if not xs:
             raise ValueError("no training examples for the baselines")
-        allc = np.concatenate(codes)
-        alla = np.concatenate([aa_index(s) for s in seqs])
-        counts = np.bincount(allc, minlength=n_struct).astype(np.int64)
-        joint = np.zeros((N_AA, n_struct), dtype=np.int64)
-        np.add.at(joint, (alla, allc), 1)
-        per_aa = np.where(joint.sum(1) > 0, joint.argmax(1), int(np.argmax(counts))).astype(np.int64)
-        b = cls(n_struct=n_struct, counts=counts, per_aa=per_aa, window=window,
-                meta={"n_proteins": len(seqs), "n_residues": int(len(allc)), "max_residues": max_residues,
+        allx, ally = np.concatenate(xs), np.concatenate(ys)
+        keep = ally != skip_output if skip_output is not None else np.ones(len(ally), bool)
+        allx, ally = allx[keep], ally[keep]
+        if not len(ally):
+            raise ValueError("no training residues for the baselines")
+        counts = np.bincount(ally, minlength=n_out).astype(np.int64)
+        joint = np.zeros((n_in, n_out), dtype=np.int64)
+        np.add.at(joint, (allx, ally), 1)
+        per_input = np.where(joint.sum(1) > 0, joint.argmax(1), int(np.argmax(counts))).astype(np.int64)
+        b = cls(n_in=n_in, n_out=n_out, counts=counts, per_input=per_input, per_name=per_name, window=window,
+                meta={"n_proteins": len(xs), "n_residues": int(len(ally)), "max_residues": max_residues,
                       "C": C, "seed": seed})
         if windowed:
             from scipy.sparse import vstack
             from sklearn.linear_model import LogisticRegression
 
-            X = vstack([window_features(s, window) for s in seqs]).tocsr()
-            if len(np.unique(allc)) < 2:
-                log.warning("baselines: only one structure token in the training sample; no windowed classifier")
+            X = vstack([window_features(x, n_in, window) for x in xs]).tocsr()[keep]
+            if len(np.unique(ally)) < 2:
+                log.warning("baselines: only one output code in the training sample; no windowed classifier")
             else:
                 clf = LogisticRegression(C=C, max_iter=max_iter, random_state=seed)
-                clf.fit(X, allc)
+                clf.fit(X, ally)
                 b.coef = clf.coef_.astype(np.float32)
                 b.intercept = clf.intercept_.astype(np.float32)
                 b.classes = clf.classes_.astype(np.int64)
-                b.meta["window_train_accuracy"] = float(np.mean(b._window_predict_X(X) == allc))
+                b.meta["window_train_accuracy"] = float(np.mean(b._window_predict_X(X) == ally))
         return b
 
     # ---- prediction
@@ -119,23 +138,24 @@ class Baselines:
             return self.classes[(np.asarray(scores)[:, 0] > 0).astype(int)]
         return self.classes[np.asarray(scores).argmax(1)]
 
-    def predict(self, name: str, aa: str) -> np.ndarray:
-        """Structure codes [L] that baseline `name` guesses for the amino-acid sequence `aa`."""
+    def predict(self, name: str, x) -> np.ndarray:
+        """Output codes [L] that baseline `name` guesses for the input codes `x` [L] (`Vocab.source_codes`)."""
+        x = np.asarray(x, dtype=np.int64)
         if name == "most_frequent":
-            return np.full(len(aa), self.most_frequent, dtype=np.int64)
-        if name == "per_aa":
-            return self.per_aa[aa_index(aa)]
+            return np.full(len(x), self.most_frequent, dtype=np.int64)
+        if name == self.per_name:
+            return self.per_input[x]
         if name == "window":
             if self.coef is None:
                 raise ValueError("the windowed baseline was not fitted")
-            return self._window_predict_X(window_features(aa, self.window))
-        raise ValueError(f"unknown baseline {name!r}; expected one of {NAMES}")
+            return self._window_predict_X(window_features(x, self.n_in, self.window))
+        raise ValueError(f"unknown baseline {name!r}; expected one of {self.names}")
 
     # ---- persistence
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        arrays = {"counts": self.counts, "per_aa": self.per_aa,
-                  "meta_json": np.array(json.dumps({"n_struct": self.n_struct, "window": self.window, **self.meta}))}
+        info = {"n_in": self.n_in, "n_out": self.n_out, "per_name": self.per_name, "window": self.window, **self.meta}
+        arrays = {"counts": self.counts, "per_input": self.per_input, "meta_json": np.array(json.dumps(info))}
         if self.coef is not None:
             arrays.update(coef=self.coef, intercept=self.intercept, classes=self.classes)
         with atomic_path(path, suffix=".npz") as tmp:
@@ -147,17 +167,19 @@ class Baselines:
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta_json"]))
             has = "coef" in z.files
-            return cls(n_struct=int(meta.pop("n_struct")), counts=z["counts"], per_aa=z["per_aa"],
-                       window=int(meta.pop("window")), coef=z["coef"] if has else None,
-                       intercept=z["intercept"] if has else None, classes=z["classes"] if has else None, meta=meta)
+            return cls(n_in=int(meta.pop("n_in")), n_out=int(meta.pop("n_out")), counts=z["counts"],
+                       per_input=z["per_input"], per_name=meta.pop("per_name"), window=int(meta.pop("window")),
+                       coef=z["coef"] if has else None, intercept=z["intercept"] if has else None,
+                       classes=z["classes"] if has else None, meta=meta)
 
 
 def train_examples(token_dir: str | os.PathLike, vocab: Vocab, seed: int = 0, split: str = "train"):
-    """(amino acids, structure codes) of the `split` token examples in a seeded random order
-    (the order decides which examples a residue cap keeps)."""
+    """(input codes, output codes) (`Vocab.source_codes`, `Vocab.target_codes`) of the `split` token
+    examples in a seeded random order (the order decides which examples a residue cap keeps)."""
     from .shards import TokenDataset
 
     ds = TokenDataset(token_dir, split)
     order = np.random.default_rng(seed).permutation(len(ds))
     for i in order:
-        yield vocab.decode(ds[int(i)])
+        aa, codes = vocab.decode(ds[int(i)])
+        yield vocab.source_codes(aa, codes), vocab.target_codes(aa, codes)

@@ -22,7 +22,8 @@ the attention implementation:
     equivalent block-diagonal mask for SDPA; tests/test_model.py checks that both layouts give
     every example exactly the logits it gets alone.)
 
-Labels are `Vocab.labels`: loss only where the target is a structure token or <eos>. In a packed
+Labels are `Vocab.labels`: loss only where the target is a structure token or <eos> (struct2seq
+vocabularies: an amino acid or <eos>). In a packed
 row the token after an example is the next example's <bos>, never a target, so no loss term
 crosses an example boundary.
 
@@ -68,7 +69,7 @@ import torch
 
 from .batching import budget_batches, budget_cuts
 from .shards import TokenDataset
-from .vocab import EOS, IGNORE_INDEX, PAD, Vocab
+from .vocab import IGNORE_INDEX, Vocab
 
 log = logging.getLogger("tokenfold.data")
 
@@ -165,7 +166,8 @@ class Batch:
     n_tokens: int                           # real tokens
     n_positions: int                        # positions computed (real + padding)
     n_loss: int                             # loss targets (structure tokens + <eos>)
-    n_struct: int                           # structure-token targets (what accuracy counts)
+    n_struct: int                           # target tokens but <eos> (what accuracy counts): structure tokens,
+                                            # or amino acids of a struct2seq vocabulary
 
     def model_inputs(self, device) -> dict:
         kw = {"input_ids": self.input_ids.to(device, non_blocking=True)}
@@ -191,7 +193,7 @@ def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
         position_ids = torch.from_numpy(pos)
     elif layout == "padded":
         T = max(lens)
-        ids = np.full((len(examples), T), PAD, dtype=np.int64)
+        ids = np.full((len(examples), T), vocab.pad, dtype=np.int64)
         for r, e in enumerate(examples):
             ids[r, : len(e)] = e
         labels = vocab.labels(ids)   # <pad> is never a target
@@ -199,20 +201,21 @@ def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
     else:
         raise ValueError(f"unknown batch layout {layout!r}")
     n_loss = int((labels != IGNORE_INDEX).sum())
-    n_struct = int(vocab.is_struct(labels).sum())
+    n_struct = int(vocab.is_target(labels).sum())
     return Batch(torch.from_numpy(ids), torch.from_numpy(labels), position_ids, len(examples),
                  int(sum(lens)), int(ids.size), n_loss, n_struct)
 
 
 def corrupt_structure_inputs(batch: Batch, vocab: Vocab, p: float, rng: np.random.Generator) -> Batch:
     """Replace each structure token of `batch.input_ids` with a random structure token with
-    probability `p` (in place; the labels are untouched). See "Structure-input noise" above."""
+    probability `p` (in place; the labels are untouched). See "Structure-input noise" above. In a
+    struct2seq example the structure tokens are the prompt, so there it perturbs the input structure."""
     if p <= 0:
         return batch
     ids = batch.input_ids.numpy()
     struct = vocab.is_struct(ids)
     hit = struct & (rng.random(ids.shape) < p)
-    ids[hit] = rng.integers(vocab.struct_offset, vocab.size, size=int(hit.sum()))
+    ids[hit] = rng.integers(vocab.struct_offset, vocab.struct_end, size=int(hit.sum()))
     return batch
 
 
@@ -408,5 +411,5 @@ def check_vocab(vocab: Vocab, ds: TokenDataset, n_check: int = 64) -> None:
         if len(x) and int(x.max()) >= vocab.size:
             raise ValueError(f"{ds.root}: token {int(x.max())} in example {ds.meta(i)[0]} is outside the "
                              f"vocabulary ({vocab.size} tokens)")
-        if len(x) and int(x[-1]) != EOS and len(x) > 1:
+        if len(x) and int(x[-1]) != vocab.eos and len(x) > 1:
             log.debug("example %d of %s does not end with <eos> (cropped?)", i, ds.split)

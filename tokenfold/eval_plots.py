@@ -1,5 +1,5 @@
-"""Stage 06's pictures: token accuracy against length and the baselines, the 3Di confusion matrix, and
-for decodable kinds RMSD/TM-score against length, their distributions, and 3-D C-alpha traces.
+"""Stage 06's pictures: token accuracy (struct2seq: sequence recovery) against length and the baselines,
+the 3Di confusion matrix (struct2seq: the amino-acid substitution matrix), and for decodable kinds RMSD/TM-score against length, their distributions, and 3-D C-alpha traces.
 Files: see data/README.md, section stage 06.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ _TRACE_STYLE = {"pred": ("model", "C0"), "ceiling": ("tokenizer ceiling (true to
                 "base_per_aa": ("baseline: per-amino-acid token", "C1")}
 
 
-def token_plots(out: Path, lengths, acc, base_acc: dict, tokens: dict) -> list[Path]:
-    """accuracy_vs_length.png: per-protein accuracy versus length (model and baselines), and the
-    overall (per-residue) accuracies side by side."""
+def token_plots(out: Path, lengths, acc, base_acc: dict, tokens: dict, what: str = "token accuracy") -> list[Path]:
+    """accuracy_vs_length.png: per-protein accuracy (`what`: token accuracy, sequence recovery) versus
+    length (model and baselines), and the overall (per-residue) accuracies side by side."""
     from .report import save_figure, subplots
 
     fig, (a, b) = subplots(2, ncols=2, size=5.0)
@@ -27,10 +27,10 @@ def token_plots(out: Path, lengths, acc, base_acc: dict, tokens: dict) -> list[P
         a.scatter(lengths, vals, s=10, alpha=0.6, marker="x", color=f"C{k + 1}", label=f"baseline: {name}")
     a.scatter(lengths, acc, s=16, color="C0", label="model (constrained decoding)")
     a.set_xlabel("length (residues)")
-    a.set_ylabel("token accuracy")
+    a.set_ylabel(what)
     a.set_ylim(0, 1)
     a.legend(fontsize=7)
-    a.set_title("accuracy per protein")
+    a.set_title(f"{what} per protein")
     names = ["model", "model\nteacher-forced"] + list(tokens["baselines"])
     vals = [tokens["accuracy"], tokens["teacher_forced_accuracy"]] + [d["accuracy"] for d in tokens["baselines"].values()]
     b.bar(range(len(vals)), vals, color=["C0", "C9"] + [f"C{k + 1}" for k in range(len(vals) - 2)])
@@ -38,12 +38,14 @@ def token_plots(out: Path, lengths, acc, base_acc: dict, tokens: dict) -> list[P
     for x, y in enumerate(vals):
         b.text(x, y + 0.01, f"{y:.3f}", ha="center", fontsize=7)
     b.set_ylim(0, 1)
-    b.set_title("per-residue accuracy (all proteins)")
+    b.set_title(f"per-residue {what} (all proteins)")
     return [save_figure(fig, out / "accuracy_vs_length.png")]
 
 
-def confusion_plot(path: Path, cm: np.ndarray, letters) -> Path:
-    """Row-normalised confusion matrix (rows: true letter, columns: predicted letter)."""
+def confusion_plot(path: Path, cm: np.ndarray, letters, what: str = "3Di",
+                   axes: tuple[str, str] = ("true", "predicted")) -> Path:
+    """Row-normalised confusion matrix (rows: true letter, columns: predicted letter; struct2seq's
+    substitution matrix: `what` = "amino acid", `axes` = native, designed)."""
     from .report import plt, save_figure
 
     frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
@@ -51,9 +53,10 @@ def confusion_plot(path: Path, cm: np.ndarray, letters) -> Path:
     im = ax.imshow(frac, cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(letters)), letters)
     ax.set_yticks(range(len(letters)), [f"{c} ({n})" for c, n in zip(letters, cm.sum(1))], fontsize=7)
-    ax.set_xlabel("predicted 3Di")
-    ax.set_ylabel("true 3Di (residues)")
-    ax.set_title(f"3Di confusion (row-normalised), accuracy {np.trace(cm) / max(cm.sum(), 1):.3f}")
+    ax.set_xlabel(f"{axes[1]} {what}")
+    ax.set_ylabel(f"{axes[0]} {what} (residues)")
+    title = "substitutions" if axes[0] == "native" else "confusion"
+    ax.set_title(f"{what} {title} (row-normalised), accuracy {np.trace(cm) / max(cm.sum(), 1):.3f}")
     fig.colorbar(im, ax=ax, fraction=0.046)
     return save_figure(fig, path)
 

@@ -1,9 +1,11 @@
 """Stage 06's report: the work parts of an `Evaluation` merged into aggregate numbers and files.
 
-`finalize` fits the train-split baselines, aggregates token accuracy (free-running and teacher-forced),
-perplexity, the baselines' accuracy, the 3Di confusion matrix and, for decodable kinds, the trace
-metrics of the predicted, ceiling and baseline traces; then writes the per-protein table, the
-skipped examples, the predictions, the pred-vs-true PDB files, the pictures (`tokenfold.eval_plots`)
+`finalize` fits the train-split baselines, aggregates token accuracy (free-running and teacher-forced;
+for struct2seq this is native sequence recovery, per residue and per protein, binned by length),
+perplexity, the baselines' accuracy, the 3Di confusion matrix (struct2seq: the 20x20 amino-acid
+substitution matrix), the self-consistency agreement (struct2seq with a folding checkpoint) and, for
+decodable seq2struct kinds, the trace metrics of the predicted, ceiling and baseline traces; then
+writes the per-protein table, the skipped examples, the predictions, the pred-vs-true PDB files, the pictures (`tokenfold.eval_plots`)
 and ``metrics.json`` last. Files: see data/README.md, section stage 06.
 """
 from __future__ import annotations
@@ -20,7 +22,9 @@ from .cli import die
 from .eval_plots import confusion_plot, structure_plots, token_plots
 from .evaluate import TRACES, Evaluation
 from .inference import DECODABLE, safe_name, write_ca_pdb
-from .metrics import DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, summarize
+from .metrics import (DEFAULT_LENGTH_BINS, TRACE_METRICS, binned, confusion_matrix, kabsch, length_bin_labels,
+                      summarize)
+from .vocab import AA_LETTERS, N_AA_DESIGN
 
 log = logging.getLogger("tokenfold.eval_report")
 
@@ -33,8 +37,15 @@ STRUCTURE_NOTE = (
     "RMSD superposition; rmsd_seg: each segment between chain breaks of the true chain superposed "
     "on its own (tokens cannot place segments relative to each other across a gap).")
 UNCONSTRAINED_NOTE = (
-    "greedy free decoding over the whole vocabulary (amino acids still fed in the interleaved layout); "
-    "valid = only structure tokens before the end; length match = valid, exactly L, then <eos>")
+    "greedy free decoding over the whole vocabulary (source tokens still fed in the interleaved layout); "
+    "valid = only target tokens (structure tokens; struct2seq: amino acids) before the end; length match = valid, "
+    "exactly L, then <eos>")
+CONSISTENCY_NOTE = (
+    "self-consistency (a cheap analogue of scTM): the seq2struct checkpoint folds each designed sequence into "
+    "structure tokens (constrained greedy decoding); agreement_designed = fraction equal to the input's tokens. "
+    "agreement_native = the same for the native sequence: what that folding model reaches on real sequences, "
+    "the reference to read agreement_designed against")
+X_CODE = AA_LETTERS.index("X")
 
 
 def finalize(ev: Evaluation) -> dict:
@@ -42,9 +53,9 @@ def finalize(ev: Evaluation) -> dict:
 
     Streams the parts: one part is in memory at a time. per_protein.tsv, skipped.tsv,
     predictions.fasta and the PDB files are written as the parts go by; what is kept for the
-    aggregates and pictures is a few numbers per protein (lengths, accuracies, NLL, trace metrics)
-    and the token counts (confusion matrix, correct predictions). The C-alpha traces drawn in
-    ca_traces_3d.png are read back from their parts at the end."""
+    aggregates and pictures is a few numbers per protein (lengths, scored residues and hits,
+    NLL, trace metrics) and the token counts (confusion/substitution matrix). The C-alpha traces
+    drawn in ca_traces_3d.png are read back from their parts at the end."""
     cfg, v, out = ev.cfg, ev.vocab, ev.out
     paths = ev.part_paths()
     heads = [ev.read_part(p, ["ids", "skipped"]) for p in paths]   # small: nothing to report fails before the baselines
@@ -62,11 +73,13 @@ def finalize(ev: Evaluation) -> dict:
     names = base.names if base is not None else []
     if base is not None:
         base.save(out / "baselines.npz")
-    decodable = v.kind in DECODABLE
+    decodable = v.kind in DECODABLE and not v.inverse
+    consistency = bool(cfg.consistency_checkpoint)
+    # the confusion matrix: 3Di letters, or (struct2seq) the 20x20 amino-acid substitution matrix
+    letters = list(v.target_symbols[:N_AA_DESIGN]) if v.inverse else (v.struct_symbols if v.kind == "3di" else None)
+    cm = np.zeros((len(letters), len(letters)), dtype=np.int64) if letters else None
+    hit_keys = ["pred", "tf", *names, *(("cons", "cons_native") if consistency else ())]
     cols: dict[str, list] = {}                  # per-protein numbers, one array per part
-    correct = dict.fromkeys(["pred", "tf", *names], 0)
-    n_res_all = 0
-    cm = np.zeros((v.n_struct, v.n_struct), dtype=np.int64)
     pdbs: list[Path] = []
     with contextlib.ExitStack() as stack:
         tsv, fasta, skip = (stack.enter_context(_atomic_text(out / name))
@@ -75,53 +88,64 @@ def finalize(ev: Evaluation) -> dict:
         for k, path in enumerate(paths):
             P = ev.read_part(path)
             lengths = np.array([len(a) for a in P["aa"]], dtype=np.int64)
-            acc = np.array([np.mean(p == t) for p, t in zip(P["pred_codes"], P["true_codes"])])
-            tf_acc = np.array([np.mean(p == t) for p, t in zip(P["tf_codes"], P["true_codes"])])
-            base_pred = {b: [base.predict(b, a) for a in P["aa"]] for b in names}
-            base_acc = {b: np.array([np.mean(p == t) for p, t in zip(base_pred[b], P["true_codes"])]) for b in names}
-            if len(lengths):
-                true = np.concatenate(P["true_codes"])
-                pred = np.concatenate(P["pred_codes"])
-                n_res_all += len(true)
-                correct["pred"] += int((pred == true).sum())
-                correct["tf"] += int((np.concatenate(P["tf_codes"]) == true).sum())
-                for b in names:
-                    correct[b] += int((np.concatenate(base_pred[b]) == true).sum())
-                if v.kind == "3di":
-                    cm += confusion_matrix(pred, true, v.n_struct)
-            per_protein = {"accuracy": acc, "tf_accuracy": tf_acc, "perplexity": np.exp(P["nll"] / P["n_targets"]),
-                           **{f"acc_{b}": base_acc[b] for b in names}}
+            # the residues scored: all, except (struct2seq) those whose native amino acid is unknown (X)
+            scored = [t != X_CODE if v.inverse else np.ones(len(t), bool) for t in P["true_codes"]]
+            preds = {"pred": P["pred_codes"], "tf": P["tf_codes"],
+                     **{b: [base.predict(b, x) for x in P["src_codes"]] for b in names}}
+            hits = {key: n_hits(p, P["true_codes"], scored) for key, p in preds.items()}
+            if consistency:   # struct2seq: the source codes are the input structure tokens
+                hits["cons"] = n_hits(P["cons_codes"], P["src_codes"], scored)
+                hits["cons_native"] = n_hits(P["cons_native_codes"], P["src_codes"], scored)
+            n_scored = np.array([int(s.sum()) for s in scored], dtype=np.int64)
+            if cm is not None and len(lengths):
+                pred, true = (np.concatenate([x[s] for x, s in zip(P[key], scored)]) for key in ("pred_codes", "true_codes"))
+                cm += confusion_matrix(pred, true, len(letters))
+            frac = {key: _fraction(h, n_scored) for key, h in hits.items()}
+            per_protein = {"accuracy": frac["pred"], "tf_accuracy": frac["tf"],
+                           "perplexity": np.exp(P["nll"] / P["n_targets"]), "loglik": P["loglik"],
+                           **{f"acc_{b}": frac[b] for b in names},
+                           **({"cons_agreement": frac["cons"], "cons_native_agreement": frac["cons_native"]}
+                              if consistency else {})}
             tsv.write(per_protein_table(P, lengths, per_protein, cfg.unconstrained, decodable, header=k == 0))
-            fasta.write("".join(f">{P['ids'][i]}\n{v.symbols(P['pred_codes'][i])}\n" for i in range(len(lengths))))
+            fasta.write("".join(f">{P['ids'][i]}\n{v.target_text(P['pred_codes'][i])}\n" for i in range(len(lengths))))
             if decodable and len(pdbs) < cfg.n_pdb:
                 pdbs += write_pdbs(out / "pdb", P, cfg.n_pdb - len(pdbs), v.meta.get("WARNING"))
-            for key, val in (("lengths", lengths), ("acc", acc), ("tf_acc", tf_acc), ("nll", P["nll"]),
-                             ("n_targets", P["n_targets"]), ("n_breaks", P["n_breaks"]),
+            for key, val in (("lengths", lengths), ("n_scored", n_scored), ("nll", P["nll"]),
+                             ("n_targets", P["n_targets"]), ("loglik", P["loglik"]), ("n_breaks", P["n_breaks"]),
                              ("unc_valid", P["unc_valid"]), ("unc_length_match", P["unc_length_match"]),
-                             *((f"base_{b}", base_acc[b]) for b in names)):
+                             *((f"hit_{h}", hits[h]) for h in hit_keys)):
                 cols.setdefault(key, []).append(val)
             cols.setdefault("trace_metrics", []).append(P["trace_metrics"])
     C = {key: np.concatenate(parts, axis=1 if key == "trace_metrics" else 0) for key, parts in cols.items()}
-    lengths, acc = C["lengths"], C["acc"]
-    base_acc = {b: C[f"base_{b}"] for b in names}
-    micro = lambda key: correct[key] / n_res_all  # noqa: E731
+    lengths, n_scored = C["lengths"], C["n_scored"]
+    frac = {h: _fraction(C[f"hit_{h}"], n_scored) for h in hit_keys}   # per protein
+    micro = lambda h: float(C[f"hit_{h}"].sum() / max(n_scored.sum(), 1))  # noqa: E731
+    acc = frac["pred"]
+    base_acc = {b: frac[b] for b in names}
     tokens = {
         "accuracy": micro("pred"),
-        "accuracy_mean_per_protein": float(acc.mean()),
+        "accuracy_mean_per_protein": float(np.nanmean(acc)),
         "teacher_forced_accuracy": micro("tf"),
         "perplexity": float(np.exp(C["nll"].sum() / C["n_targets"].sum())),
-        "perplexity_note": "exp(mean NLL of the true structure tokens and <eos>, teacher-forced, full vocabulary)",
+        "perplexity_note": ("exp(mean NLL of the true target tokens (" + ("amino acids" if v.inverse else
+                            "structure tokens") + ") and <eos>, teacher-forced, full vocabulary)"),
+        "generated_loglik_per_residue": float(C["loglik"].sum() / lengths.sum()),
         "baselines": {b: {"accuracy": micro(b),
-                          "accuracy_mean_per_protein": float(base_acc[b].mean())} for b in names},
-        "baseline_fit": ({**base.meta, "most_frequent_token": v.struct_symbols[base.most_frequent]}
+                          "accuracy_mean_per_protein": float(np.nanmean(base_acc[b]))} for b in names},
+        "baseline_fit": ({**base.meta, "most_frequent_token": v.target_symbols[base.most_frequent]}
                          if base is not None else "no train split: no baselines"),
         "accuracy_by_length": binned(lengths, acc),
+        "accuracy_by_length_per_residue": binned_residues(lengths, C["hit_pred"], n_scored),
     }
+    if v.inverse:
+        tokens["note"] = ("struct2seq: accuracy = native sequence recovery (designed amino acid = native), per residue "
+                          "(accuracy) and per protein (accuracy_mean_per_protein); residues whose native amino acid "
+                          f"is unknown (X) are not scored ({int(lengths.sum() - n_scored.sum())} here)")
     tokens["beats_baselines"] = {b: tokens["accuracy"] > tokens["baselines"][b]["accuracy"] for b in names}
     metrics = {
         "stage": "06_evaluate", "config_hash": ev.fp_hash, "checkpoint": str(ev.ckpt), "tokens": str(ev.tokens),
-        "db": str(cfg.db), "split": cfg.split, "kind": v.kind, "interleaved": v.interleaved, "n_struct": v.n_struct,
-        "n_proteins": n, "n_residues": int(lengths.sum()), "n_skipped": len(skipped_all),
+        "db": str(cfg.db), "split": cfg.split, "kind": v.kind, "direction": v.direction, "interleaved": v.interleaved,
+        "n_struct": v.n_struct, "n_proteins": n, "n_residues": int(lengths.sum()), "n_skipped": len(skipped_all),
         "skipped": [{"id": a, "reason": b} for a, b in skipped_all[:100]],
         "decoding": {"constrained": True, **asdict(cfg.decoding.sampling())},
         "random_weights_upstream": bool(v.meta.get("random_weights", False)),
@@ -134,14 +158,26 @@ def finalize(ev: Evaluation) -> dict:
         metrics["unconstrained"] = {"validity_rate": float(C["unc_valid"].mean()),
                                     "length_match_rate": float(C["unc_length_match"].mean()),
                                     "note": UNCONSTRAINED_NOTE}
-    if v.kind == "3di":
-        metrics["confusion_matrix"] = {"letters": v.struct_symbols, "rows": "true", "columns": "predicted",
+    if consistency:
+        metrics["self_consistency"] = {
+            "checkpoint": str(ev.fold_ckpt), "agreement_designed": micro("cons"),
+            "agreement_native": micro("cons_native"),
+            "agreement_designed_mean_per_protein": float(np.nanmean(frac["cons"])),
+            "agreement_native_mean_per_protein": float(np.nanmean(frac["cons_native"])),
+            "note": CONSISTENCY_NOTE}
+    if v.inverse:
+        metrics["substitution_matrix"] = {"letters": letters, "rows": "native", "columns": "designed",
+                                          "counts": cm.tolist()}
+    elif letters is not None:
+        metrics["confusion_matrix"] = {"letters": letters, "rows": "true", "columns": "predicted",
                                        "counts": cm.tolist()}
     if decodable:
         metrics["structure"] = structure_metrics(C["trace_metrics"], lengths, C["n_breaks"])
-    pngs = token_plots(out, lengths, acc, base_acc, tokens)
-    if v.kind == "3di":
-        pngs.append(confusion_plot(out / "confusion_3di.png", cm, v.struct_symbols))
+    pngs = token_plots(out, lengths, acc, base_acc, tokens, "sequence recovery" if v.inverse else "token accuracy")
+    if letters is not None:
+        pngs.append(confusion_plot(out / ("substitution_matrix.png" if v.inverse else "confusion_3di.png"), cm, letters,
+                                   "amino acid" if v.inverse else "3Di", ("native", "designed") if v.inverse
+                                   else ("true", "predicted")))
     if decodable:
         metrics["pdb_files"] = len(pdbs)
         pngs += structure_plots(out, lengths, C["trace_metrics"], _PartColumns(ev, paths, sizes), cfg.n_pictures)
@@ -151,6 +187,28 @@ def finalize(ev: Evaluation) -> dict:
     write_report(out / "metrics.json", metrics)
     log.info("finalize: %s", summary_line(metrics))
     return metrics
+
+
+def n_hits(preds: list[np.ndarray], truth: list[np.ndarray], scored: list[np.ndarray]) -> np.ndarray:
+    """Per protein: how many scored residues have the prediction equal to the truth."""
+    return np.array([int((p == t)[s].sum()) for p, t, s in zip(preds, truth, scored)], dtype=np.int64)
+
+
+def _fraction(hits: np.ndarray, n_scored: np.ndarray) -> np.ndarray:
+    """Fraction correct per protein (NaN for a protein without a scored residue)."""
+    return np.where(n_scored > 0, hits / np.maximum(n_scored, 1), np.nan)
+
+
+def binned_residues(lengths, hits: np.ndarray, n_scored: np.ndarray, edges=DEFAULT_LENGTH_BINS) -> list[dict]:
+    """Per length bin: proteins, scored residues and the fraction of them correct (empty bins left out)."""
+    idx = np.searchsorted(np.asarray(edges), np.asarray(lengths), side="right") - 1
+    out = []
+    for b, label in enumerate(length_bin_labels(edges)):
+        sel = idx == b
+        if n_scored[sel].sum():
+            out.append({"bin": label, "n": int(sel.sum()), "residues": int(n_scored[sel].sum()),
+                        "accuracy": float(hits[sel].sum() / n_scored[sel].sum())})
+    return out
 
 
 @contextlib.contextmanager
@@ -222,10 +280,15 @@ def _fmt(x) -> str:
 def summary_line(m: dict) -> str:
     """The one-line summary of metrics.json that stage 06 prints."""
     t = m["tokens_metrics"]
+    what = "sequence recovery" if m.get("direction") == "struct2seq" else "accuracy"
     s = ("[RANDOM WEIGHTS upstream: see metrics.json WARNING] " if m.get("WARNING") else "") + (
-         f"{m['n_proteins']} proteins, accuracy {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
+         f"{m['n_proteins']} proteins, {what} {t['accuracy']:.3f} (teacher-forced {t['teacher_forced_accuracy']:.3f}, "
          f"perplexity {t['perplexity']:.2f}); baselines "
          + ", ".join(f"{b} {d['accuracy']:.3f}" for b, d in t["baselines"].items()))
+    if "self_consistency" in m:
+        c = m["self_consistency"]
+        s += (f"; self-consistency: designed {c['agreement_designed']:.3f} of the input's tokens "
+              f"(native sequences: {c['agreement_native']:.3f})")
     if "structure" in m:
         p, c = m["structure"]["pred"], m["structure"]["ceiling"]
         if p["rmsd"].get("n"):

@@ -1,17 +1,23 @@
-"""Stage 06: given only the sequence, how close is the predicted structure?
+"""Stage 06: given only the prompt part, how close is the generated part to the truth?
 
+The checkpoint's vocabulary says the direction (`tokenfold.vocab`): seq2struct (structure tokens
+from the sequence) or struct2seq (a sequence designed from the structure tokens: inverse folding).
 For every example of the held-out split (test by default) of the token shards a checkpoint was
 trained on:
 
-1. generate its structure tokens from the amino acids (constrained, greedy unless sampling is asked
-   for; `tokenfold.generate`), and once more unconstrained to measure validity / length match;
+1. generate its target tokens from its source (constrained, greedy unless sampling is asked for;
+   `tokenfold.generate`), and once more unconstrained to measure validity / length match;
 2. score the true tokens teacher-forced (`tokenfold.teacher_forcing`): perplexity (exp of the mean
-   NLL over the training targets, structure tokens + <eos>) and teacher-forced accuracy;
-3. for decodable kinds (``geo``, ``kanzi``) decode the predicted tokens, the true tokens (the
+   NLL over the training targets, target tokens + <eos>) and teacher-forced accuracy;
+3. seq2struct, decodable kinds (``geo``, ``kanzi``): decode the predicted tokens, the true tokens (the
    tokenizer's ceiling) and two baseline token sequences to C-alpha traces and compare each with the
    true C-alpha of the DB (`tokenfold.metrics`). Cropped examples (stage 04 ``crop_start``) are
    compared with the same residues of the true chain;
-4. compare token accuracy with the baselines fitted on the train split (`tokenfold.baselines`).
+4. struct2seq with ``consistency_checkpoint`` (a seq2struct model of the same token kind): fold the
+   designed sequences, and the native ones for reference, back into structure tokens and keep them
+   for their agreement with the input's tokens (self-consistency, a cheap analogue of scTM);
+5. compare token accuracy (struct2seq: native sequence recovery) with the baselines fitted on the
+   train split (`tokenfold.baselines`).
 
 Work is split into units = (DB shard, chunk of ``--chunk-size`` examples): a SLURM array task takes
 the DB shards `sharding.my_units` gives it and writes one work part per chunk (atomically), so a
@@ -44,8 +50,9 @@ from .vocab import Vocab
 log = logging.getLogger("tokenfold.evaluate")
 
 TRACES = ("pred", "ceiling", "base_most_frequent", "base_per_aa")  # decoded traces compared with the truth
-RAGGED = ("true_codes", "pred_codes", "tf_codes", "true_ca", "pred_ca")   # per-protein arrays of a part (offsets)
-PART_VERSION = 1
+RAGGED = ("true_codes", "src_codes", "pred_codes", "tf_codes", "true_ca", "pred_ca",   # per-protein arrays of a
+          "cons_codes", "cons_native_codes")                                          # part (offsets)
+PART_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -55,7 +62,7 @@ class EvalConfig:
 
     checkpoint: str = option(help="checkpoint dir or run dir of stage 05 (default data/runs/<run>/final)")
     out: str = option(help="output dir (default data/eval/<run>)")
-    tokens: str | None = option(None, "token shards dir (default data/tokens/<kind>[_interleaved])")
+    tokens: str | None = option(None, "token shards dir (default data/tokens/<kind>[_interleaved][_struct2seq])")
     db: str | None = option(None, "protein DB with the true C-alpha (default: the DB the token manifest names, "
                                   f"else {layout.DB})")
     split: str = option("test", "split to evaluate", choices=("test", "val", "train"))
@@ -68,6 +75,9 @@ class EvalConfig:
     window_baseline: str = option("auto", "fit the windowed logistic-regression baseline (auto: for 3Di only)",
                                   choices=("auto", "yes", "no"))
     n_pdb: int = option(100, "write pred-vs-true PDB files for this many proteins")
+    consistency_checkpoint: str | None = option(None, "struct2seq only: a seq2struct checkpoint (or run dir) of the "
+                                                      "same token kind; folds designed and native sequences back into "
+                                                      "structure tokens (self-consistency: agreement with the input)")
     n_pictures: int = option(3, "proteins drawn in ca_traces_3d.png (best, median, worst TM-score)", cli=False)
     decoding: Decoding = field(default_factory=Decoding)
 
@@ -76,22 +86,41 @@ class EvalConfig:
         from .device import pick_device, pick_dtype
 
         d = self.decoding
-        weights = sorted(p for p in ckpt.glob("*.safetensors")) or sorted(ckpt.glob("*.bin"))
-        return {"checkpoint": str(ckpt.resolve()),
-                "weights": [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weights],
+        return {"checkpoint": str(ckpt.resolve()), "weights": _weights_key(ckpt)[1],
                 "tokens": str(Path(self.tokens).resolve()) if self.tokens else None, "split": self.split,
                 "sampling": asdict(d.sampling()), "unconstrained": self.unconstrained,
                 "max_proteins": self.max_proteins, "chunk_size": self.chunk_size,
                 "baseline_max_residues": self.baseline_max_residues, "seed": d.seed,
-                "kanzi_checkpoint": d.kanzi_checkpoint,
+                "kanzi_checkpoint": d.kanzi_checkpoint, "consistency_checkpoint": _weights_key(self.consistency_checkpoint),
                 "dtype": str(pick_dtype(d.dtype, pick_device(d.device))),  # auto: bf16 on GPU, fp32 on CPU
                 "db": str(Path(self.db).resolve()) if self.db else None}
 
 
+def _weights_key(ckpt) -> list | None:
+    """[checkpoint dir, [[weight file, size, mtime], ...]]: identifies a checkpoint's weights (None: no checkpoint)."""
+    if not ckpt:
+        return None
+    from .checkpoint import resolve
+
+    ckpt = resolve(ckpt)
+    weights = sorted(ckpt.glob("*.safetensors")) or sorted(ckpt.glob("*.bin"))
+    return [str(ckpt.resolve()), [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in weights]]
+
+
 def check_same_vocab(a: Vocab, b: Vocab, where: str) -> None:
-    if (a.kind, a.interleaved, a.struct_symbols) != (b.kind, b.interleaved, b.struct_symbols):
-        raise ValueError(f"{where}: vocabulary ({b.kind}, interleaved={b.interleaved}, {b.n_struct} tokens) differs "
-                         f"from the checkpoint's ({a.kind}, interleaved={a.interleaved}, {a.n_struct} tokens)")
+    if (a.kind, a.interleaved, a.struct_symbols, a.direction) != (b.kind, b.interleaved, b.struct_symbols, b.direction):
+        raise ValueError(f"{where}: vocabulary ({b.kind}, {b.direction}, interleaved={b.interleaved}, {b.n_struct} "
+                         f"tokens) differs from the checkpoint's ({a.kind}, {a.direction}, interleaved={a.interleaved}, "
+                         f"{a.n_struct} tokens)")
+
+
+def check_consistency_vocab(design: Vocab, fold: Vocab, where: str) -> None:
+    """The self-consistency model must be a seq2struct model of the designing vocabulary's structure tokens."""
+    if not design.inverse:
+        raise ValueError("--consistency-checkpoint is for struct2seq checkpoints (designed sequences folded back)")
+    if fold.inverse or (fold.kind, fold.struct_symbols) != (design.kind, design.struct_symbols):
+        raise ValueError(f"{where}: a {fold.direction} model of {fold.kind} tokens ({fold.n_struct}); the self-"
+                         f"consistency check needs a seq2struct model of the same {design.kind} tokens ({design.n_struct})")
 
 
 def check_lengths(lengths: np.ndarray, n_positions: int | None, what: str, vocab: Vocab) -> None:
@@ -156,31 +185,34 @@ def protein_rows(ds, sh, idx: np.ndarray, vocab: Vocab) -> tuple[list[dict], lis
         ca = rec.ca[crop:crop + n].astype(np.float32) if rec.ca is not None else np.full((n, 3), np.nan, np.float32)
         starts = (rec.gap_before[crop:crop + n].copy() if rec.gap_before is not None else np.zeros(n, bool))
         starts[0] = True  # segments of the true chain (chain breaks) within the example
-        rows.append(dict(id=pid, db_index=g, crop_start=crop, aa=aa, ids=ids, true=codes, ca=ca, starts=starts))
+        rows.append(dict(id=pid, db_index=g, crop_start=crop, aa=aa, codes=codes, ids=ids, src=vocab.source(aa, codes),
+                         src_codes=vocab.source_codes(aa, codes), true=vocab.target_codes(aa, codes), ca=ca,
+                         starts=starts))
     return rows, skipped
 
 
 def evaluate_chunk(model, vocab: Vocab, rows: list[dict], skipped: list[tuple], cfg: EvalConfig, decoder,
-                   base: Baselines | None, chunk_seed: int) -> dict:
-    """Everything per protein for the rows of `protein_rows` (one work part)."""
+                   base: Baselines | None, chunk_seed: int, folder=None) -> dict:
+    """Everything per protein for the rows of `protein_rows` (one work part); `folder`: the (model,
+    vocab) of the self-consistency check (struct2seq), or None."""
     from .generate import generate  # torch: imported when there is work, not for --help
     from .teacher_forcing import teacher_forced
 
-    seqs = [r["aa"] for r in rows]
+    srcs = [r["src"] for r in rows]
     d = cfg.decoding
-    gen = generate(model, vocab, seqs, sampling=d.sampling(seed=chunk_seed), batch_size=d.batch_size,
+    gen = generate(model, vocab, srcs, sampling=d.sampling(seed=chunk_seed), batch_size=d.batch_size,
                    max_batch_tokens=d.max_batch_tokens)
     tf = teacher_forced(model, vocab, [r["ids"] for r in rows], d.batch_size, d.max_batch_tokens)
-    unc = (generate(model, vocab, seqs, constrained=False, batch_size=d.batch_size,
+    unc = (generate(model, vocab, srcs, constrained=False, batch_size=d.batch_size,
                     max_batch_tokens=d.max_batch_tokens) if cfg.unconstrained else None)
     n = len(rows)
     tm = np.full((len(TRACES), n, len(TRACE_METRICS)), np.nan)
-    pred_ca = [np.full((len(s), 3), np.nan, np.float32) for s in seqs]
+    pred_ca = [np.full((len(r["aa"]), 3), np.nan, np.float32) for r in rows]
     if decoder is not None and n:
         per_trace = {"pred": [x.codes for x in gen], "ceiling": [r["true"] for r in rows]}
         if base is not None:
-            per_trace["base_most_frequent"] = [base.predict("most_frequent", s) for s in seqs]
-            per_trace["base_per_aa"] = [base.predict("per_aa", s) for s in seqs]
+            per_trace["base_most_frequent"] = [base.predict("most_frequent", r["src_codes"]) for r in rows]
+            per_trace["base_per_aa"] = [base.predict("per_aa", r["src_codes"]) for r in rows]
         for t, name in enumerate(TRACES):
             if name not in per_trace:
                 continue
@@ -190,6 +222,12 @@ def evaluate_chunk(model, vocab: Vocab, rows: list[dict], skipped: list[tuple], 
             for j, (d, r) in enumerate(zip(decoded, rows)):
                 m = trace_metrics(d, r["ca"], r["aa"], r["starts"])
                 tm[t, j] = [m[k] for k in TRACE_METRICS]
+    cons = {}
+    if folder is not None:
+        fmodel, fvocab = folder
+        kw = dict(batch_size=d.batch_size, max_batch_tokens=d.max_batch_tokens)
+        cons["cons_codes"] = [x.codes for x in generate(fmodel, fvocab, [vocab.target_text(g.codes) for g in gen], **kw)]
+        cons["cons_native_codes"] = [x.codes for x in generate(fmodel, fvocab, [r["aa"] for r in rows], **kw)]
     true_codes, off = _ragged([r["true"] for r in rows], np.int64)
     return {
         "version": np.array(PART_VERSION),
@@ -197,11 +235,14 @@ def evaluate_chunk(model, vocab: Vocab, rows: list[dict], skipped: list[tuple], 
         "db_index": np.array([r["db_index"] for r in rows], np.int64),
         "crop_start": np.array([r["crop_start"] for r in rows], np.int64),
         "n_breaks": np.array([int(r["starts"][1:].sum()) for r in rows], np.int64),
-        "aa": np.array(seqs, dtype=str) if rows else np.zeros(0, "<U1"),
+        "aa": np.array([r["aa"] for r in rows], dtype=str) if rows else np.zeros(0, "<U1"),
         "offsets": off,
         "true_codes": true_codes,
+        "src_codes": _ragged([r["src_codes"] for r in rows], np.int64)[0],
         "pred_codes": _ragged([x.codes for x in gen], np.int64)[0],
         "tf_codes": _ragged([x.pred_codes for x in tf], np.int64)[0],
+        **{k: _ragged(v, np.int64)[0] for k, v in cons.items()},
+        "loglik": np.array([x.loglik for x in gen], np.float64),
         "nll": np.array([x.nll for x in tf], np.float64),
         "n_targets": np.array([x.n_targets for x in tf], np.int64),
         "unc_valid": np.array([x.valid for x in unc], bool) if unc else np.zeros(n, bool),
@@ -233,12 +274,16 @@ class Evaluation:
         self.ckpt = resolve(cfg.checkpoint)
         self.vocab = Vocab.load(self.ckpt / "vocab.json")
         if cfg.tokens is None:
-            cfg.tokens = str(layout.tokens_dir(self.vocab.kind, self.vocab.interleaved))
+            cfg.tokens = str(layout.tokens_dir(self.vocab.kind, self.vocab.interleaved, self.vocab.direction))
         self.tokens = Path(cfg.tokens)
         if not (self.tokens / "vocab.json").exists():
             raise FileNotFoundError(f"{self.tokens}: no token shards (vocab.json missing); pass --tokens")
         self.token_vocab = Vocab.load(self.tokens / "vocab.json")   # the shards' ids (the model's may be offset)
         check_same_vocab(self.vocab, self.token_vocab, str(self.tokens))
+        self._folder = None
+        if cfg.consistency_checkpoint:
+            self.fold_ckpt = resolve(cfg.consistency_checkpoint)
+            check_consistency_vocab(self.vocab, Vocab.load(self.fold_ckpt / "vocab.json"), str(self.fold_ckpt))
         if cfg.db is None:
             mf = self.tokens / "manifest.json"
             named = read_json(mf).get("db") if mf.exists() else None
@@ -267,8 +312,15 @@ class Evaluation:
             self._model, _, _ = load_model(self.ckpt, self.cfg.decoding)
         return self._model
 
+    def folder(self):
+        """(model, vocab) of the self-consistency check, or None."""
+        if self.cfg.consistency_checkpoint and self._folder is None:
+            fmodel, fvocab, _ = load_model(self.fold_ckpt, self.cfg.decoding)
+            self._folder = (fmodel, fvocab)
+        return self._folder
+
     def decoder(self):
-        if self.vocab.kind not in DECODABLE:
+        if self.vocab.kind not in DECODABLE or self.vocab.inverse:
             return None
         if self._decoder is None:
             self._decoder = load_decoder(self.vocab, [self.tokens, self.ckpt], self.cfg.decoding.kanzi_checkpoint)
@@ -293,8 +345,8 @@ class Evaluation:
         try:
             seed = self.cfg.decoding.seed
             train = train_examples(self.tokens, self.token_vocab, seed=seed)   # the shards' own ids
-            return Baselines.fit(train, v.n_struct, windowed=windowed,
-                                 max_residues=self.cfg.baseline_max_residues, seed=seed)
+            return Baselines.for_vocab(v, train, windowed=windowed, max_residues=self.cfg.baseline_max_residues,
+                                       seed=seed)
         except ValueError as e:
             log.warning("no baselines: %s (%s has no train examples)", e, self.tokens)
             return None
@@ -338,7 +390,7 @@ class Evaluation:
         bar = progress(total=len(todo), desc="evaluate", unit="part")
         for k, c, rows, skipped in self.unit_rows(todo):
             res = evaluate_chunk(self.model, self.vocab, rows, skipped, self.cfg, decoder, base,
-                                 chunk_seed=self.cfg.decoding.seed * 1_000_003 + k * 1009 + c)
+                                 chunk_seed=self.cfg.decoding.seed * 1_000_003 + k * 1009 + c, folder=self.folder())
             res["fingerprint"] = np.array(self.fp_hash)
             with atomic_path(part_path(self.work, k, c), suffix=".npz") as tmp:
                 np.savez(tmp, **res)

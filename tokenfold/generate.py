@@ -1,17 +1,27 @@
-"""Structure tokens from amino acids: batched generation with a KV cache.
+"""The generated part of examples from their prompt part: batched generation with a KV cache.
 
-Constrained decoding (the default) makes the model's output a valid structure by construction:
-exactly one structure token per residue, only structure tokens at those positions, ``<eos>`` after
-the L-th. In the interleaved layout the amino acids are not generated at all: they are fed between
-the generated tokens (``<bos> <kind> a_1 [s_1] a_2 [s_2] .. a_L [s_L] <eos>``, brackets = generated).
+Direction-generic (`tokenfold.vocab`): from amino acids to structure tokens (seq2struct), or from
+structure tokens to amino acids (struct2seq, inverse folding). A *source* is one protein's prompt
+side: an amino-acid string (seq2struct) or its structure codes (struct2seq).
+
+Constrained decoding (the default) makes the output valid by construction: exactly one target token
+per residue, only tokens of `Vocab.choice_range` at those positions (the structure tokens; for
+struct2seq the 20 standard amino acids, never X), ``<eos>`` after the L-th. In the interleaved layout
+the source tokens are not generated at all: they are fed between the generated tokens
+(``<bos> <m> x_1 [y_1] x_2 [y_2] .. x_L [y_L] <eos>``, brackets = generated).
+
+How the next token is chosen (greedy, sampling, repetition penalty, n-gram blocking):
+`tokenfold.sampling`. Each `Generation` also carries the model's log-likelihood of what it generated:
+the sum over the L generated tokens of log p(token | prefix) under the model's own distribution over
+its whole vocabulary (before penalties, temperature and truncation; <eos> not included).
 
 Batching. Proteins are grouped by length (`tokenfold.batching.budget_batches`), each group runs as one batch:
 
-- plain layout: prompts ``<bos> a_1..a_L <sep> <kind>`` differ in length, so they are LEFT-padded;
+- plain layout: prompts ``<bos> x_1..x_L <sep> <m>`` differ in length, so they are LEFT-padded;
   the attention mask hides the padding and position ids count only real tokens, so every row sees
   exactly what it would see alone. Each step feeds one token per row.
-- interleaved layout: every prompt is ``<bos> <kind> a_1`` (no padding); each step feeds the
-  generated token, then the forced next amino acid, so a protein of length L takes 2L forwards
+- interleaved layout: every prompt is ``<bos> <m> x_1`` (no padding); each step feeds the
+  generated token, then the forced next source token, so a protein of length L takes 2L forwards
   (the same number of tokens as the plain layout's prompt + generation).
 
 Rows that are finished keep being fed (their outputs are ignored) until the longest row ends; the
@@ -19,9 +29,9 @@ length grouping keeps that waste small. `tokenfold.generate_reference` is the pl
 one-protein-at-a-time HF ``generate()`` with the same constraints, the reference that batched
 generation must reproduce (tests, bench/bench_generate.py).
 
-Unconstrained mode lets the model choose freely among all tokens (amino acids still fed in the
-interleaved layout) and reports whether its output was valid (only structure tokens before the end)
-and whether it had exactly L structure tokens.
+Unconstrained mode lets the model choose freely among all tokens (source tokens still fed in the
+interleaved layout) and reports whether its output was valid (only target tokens before the end)
+and whether it had exactly L of them.
 """
 from __future__ import annotations
 
@@ -33,64 +43,23 @@ import torch
 
 from .batching import budget_batches
 from .cli import progress
+from .sampling import Picker, Sampling
 from .vocab import Vocab
 
 
 @dataclass
-class Sampling:
-    """Greedy by default; ``do_sample`` draws from softmax(logits / temperature) after top-k / top-p."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0        # 0: off
-    top_p: float = 1.0    # 1.0: off
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError("temperature must be > 0 (use greedy decoding for temperature 0)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0")
-
-
-@dataclass
 class Generation:
-    """One protein's output. `codes`: structure codes (constrained: exactly L of them).
+    """One protein's output. `codes`: target codes (`Vocab.target_codes`: structure codes, or amino-acid
+    indices into AA_LETTERS for struct2seq; constrained: exactly L of them).
 
-    `valid`: only structure tokens before the end; `length_match`: valid and exactly L of them, then <eos>.
+    `valid`: only target tokens before the end; `length_match`: valid and exactly L of them, then <eos>.
+    `loglik`: the model's log-likelihood of the generated tokens (module docstring).
     """
 
     codes: np.ndarray
     valid: bool
     length_match: bool
-
-
-class _Picker:
-    def __init__(self, sampling: Sampling, device: torch.device):
-        self.s = sampling
-        self.gen = None
-        if sampling.do_sample:
-            self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(int(sampling.seed))
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] -> chosen column [B] (int64)."""
-        if not self.s.do_sample:
-            return logits.argmax(-1)
-        x = logits.float() / self.s.temperature
-        if self.s.top_k and self.s.top_k < x.shape[-1]:
-            kth = torch.topk(x, self.s.top_k, dim=-1).values[:, -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if self.s.top_p < 1.0:
-            srt, order = torch.sort(x, dim=-1, descending=True)
-            cum = torch.softmax(srt, dim=-1).cumsum(-1)
-            drop_sorted = (cum - torch.softmax(srt, dim=-1)) >= self.s.top_p  # mass before this token already >= p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            x = x.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(x, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.gen)[:, 0]
+    loglik: float = 0.0
 
 
 def default_batch_size(device) -> int:
@@ -162,11 +131,33 @@ def _unconstrained_budget(L: int) -> int:
     return L + max(8, L // 8)
 
 
+class _Steps:
+    """Per-batch bookkeeping of the choices: the columns picked so far (for the repetition controls)
+    and the summed log-likelihood of the tokens that count."""
+
+    def __init__(self, pick: Picker, vocab: Vocab, B: int, constrained: bool, device):
+        self.pick = pick
+        self.lo, self.hi = vocab.choice_range if constrained else (0, vocab.size)
+        self.eos, self.pad = vocab.eos, vocab.pad
+        self.hist = torch.zeros((B, 0), dtype=torch.long, device=device)
+        self.loglik = torch.zeros(B, dtype=torch.float64, device=device)
+
+    def __call__(self, logits: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+        """Token ids [B] chosen from the last-position `logits` [B, V]; <pad> where not `live`."""
+        col = self.pick(logits[:, self.lo:self.hi], self.hist if self.pick.needs_history else None)
+        tok = col + self.lo
+        lp = torch.log_softmax(logits.float(), -1).gather(1, tok[:, None])[:, 0]
+        self.loglik += torch.where(live & (tok != self.eos), lp, torch.zeros_like(lp)).double()
+        if self.pick.needs_history:
+            self.hist = torch.cat([self.hist, col[:, None]], 1)
+        return torch.where(live, tok, torch.full_like(tok, self.pad))
+
+
 @torch.inference_mode()
-def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device) -> list[Generation]:
-    B = len(seqs)
-    Ls = torch.tensor([len(s) for s in seqs], device=device)
-    prompts = [vocab.prompt(s) for s in seqs]
+def _plain_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick: Picker, device) -> list[Generation]:
+    B = len(srcs)
+    Ls = torch.tensor([len(s) for s in srcs], device=device)
+    prompts = [vocab.prompt(s) for s in srcs]
     P = max(len(p) for p in prompts)
     ids = torch.full((B, P), vocab.pad, dtype=torch.long)
     mask = torch.zeros((B, P), dtype=torch.long)
@@ -175,7 +166,7 @@ def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: 
         mask[i, P - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
-    budget = Ls if constrained else torch.tensor([_unconstrained_budget(len(s)) for s in seqs], device=device)
+    budget = Ls if constrained else torch.tensor([_unconstrained_budget(len(s)) for s in srcs], device=device)
     n_steps = int(budget.max())
     cache = _new_cache(model, P + n_steps)
     # attention mask over all positions the batch will have: padding 0, everything else 1; each step
@@ -185,102 +176,97 @@ def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: 
     next_pos = pos[:, -1:] + 1
     out = torch.full((B, n_steps), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
-    so, sz = vocab.struct_offset, vocab.size
+    step = _Steps(pick, vocab, B, constrained, device)
     for t in range(n_steps):
-        if constrained:
-            tok = pick(logits[:, so:sz]) + so
-            tok = torch.where(t < Ls, tok, torch.full_like(tok, vocab.pad))
-        else:
-            tok = pick(logits[:, :sz])
-            tok = torch.where(ended | (t >= budget), torch.full_like(tok, vocab.pad), tok)
+        tok = step(logits, (t < Ls) if constrained else (~ended & (t < budget)))
+        if not constrained:
             ended |= tok == vocab.eos
         out[:, t] = tok
         if t == n_steps - 1 or (not constrained and bool((ended | (t + 1 >= budget)).all())):
             break
         logits = _forward(model, tok[:, None], cache, full_mask[:, :P + t + 1], next_pos)[:, -1]
         next_pos = next_pos + 1
-    out = out.cpu().numpy()
-    return [_result(vocab, out[i][out[i] != vocab.pad], len(s), constrained) for i, s in enumerate(seqs)]
+    out, ll = out.cpu().numpy(), step.loglik.cpu().numpy()
+    return [_result(vocab, out[i][out[i] != vocab.pad], len(s), constrained, ll[i]) for i, s in enumerate(srcs)]
 
 
 @torch.inference_mode()
-def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device) -> list[Generation]:
-    B = len(seqs)
-    Ls = [len(s) for s in seqs]
+def _interleaved_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick: Picker, device) -> list[Generation]:
+    B = len(srcs)
+    Ls = [len(s) for s in srcs]
     Lt = torch.tensor(Ls, device=device)
     n_slots = max(Ls) + (0 if constrained else 1)  # unconstrained also asks the model for the end slot
-    aa = torch.full((B, max(Ls) + 1), vocab.pad, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        aa[i, :len(s)] = torch.from_numpy(vocab.aa_ids(s))
-    aa = aa.to(device)
-    first = torch.stack([torch.full((B,), vocab.bos, device=device), torch.full((B,), vocab.kind_id, device=device),
-                         aa[:, 0]], 1)
+    src = torch.full((B, max(Ls) + 1), vocab.pad, dtype=torch.long)
+    for i, s in enumerate(srcs):
+        src[i, :len(s)] = torch.from_numpy(vocab.source_ids(s))
+    src = src.to(device)
+    first = torch.stack([torch.full((B,), vocab.bos, device=device), torch.full((B,), vocab.target_marker, device=device),
+                         src[:, 0]], 1)
     cache = _new_cache(model, 3 + 2 * n_slots + 1)
     logits = _forward(model, first, cache)[:, -1]
     out = torch.full((B, n_slots), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
-    so, sz = vocab.struct_offset, vocab.size
-    for t in range(n_slots):  # slot t < L: after a_{t+1}; slot L: after s_L (the end slot)
-        live = (t < Lt) if constrained else ((t <= Lt) & ~ended)
-        if constrained:
-            tok = pick(logits[:, so:sz]) + so
-        else:
-            tok = pick(logits[:, :sz])
-            ended |= live & (tok == vocab.eos)
-        tok = torch.where(live, tok, torch.full_like(tok, vocab.pad))
+    step = _Steps(pick, vocab, B, constrained, device)
+    for t in range(n_slots):  # slot t < L: after x_{t+1}; slot L: after y_L (the end slot)
+        tok = step(logits, (t < Lt) if constrained else ((t <= Lt) & ~ended))
+        if not constrained:
+            ended |= tok == vocab.eos
         out[:, t] = tok
         if t == n_slots - 1 or not bool(((t + 1 < Lt) if constrained else ((t + 1 <= Lt) & ~ended)).any()):
             break
-        # feed s_{t+1}, then a_{t+2}, one token per forward: a two-token step would need an explicit
+        # feed y_{t+1}, then x_{t+2}, one token per forward: a two-token step would need an explicit
         # attention mask, with which transformers' SDPA path copies every cached key/value to repeat
         # the grouped KV heads (measured ~3x slower on CPU at 64 rows)
-        after_s = _forward(model, tok[:, None], cache)[:, -1]
-        after_a = _forward(model, aa[:, t + 1, None], cache)[:, -1]  # <pad> past a row's end: ignored
-        # rows whose next slot is the end slot read the logits right after s_L, the others after a_{t+2}
+        after_y = _forward(model, tok[:, None], cache)[:, -1]
+        after_x = _forward(model, src[:, t + 1, None], cache)[:, -1]  # <pad> past a row's end: ignored
+        # rows whose next slot is the end slot read the logits right after y_L, the others after x_{t+2}
         at_end = (t + 1 == Lt)[:, None]
-        logits = torch.where(at_end, after_s, after_a)
-    out = out.cpu().numpy()
-    return [_result(vocab, out[i][out[i] != vocab.pad], Ls[i], constrained) for i in range(B)]
+        logits = torch.where(at_end, after_y, after_x)
+    out, ll = out.cpu().numpy(), step.loglik.cpu().numpy()
+    return [_result(vocab, out[i][out[i] != vocab.pad], Ls[i], constrained, ll[i]) for i in range(B)]
 
 
-def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Generation:
+def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool, loglik: float) -> Generation:
     toks = toks.astype(np.int64)
+    lo = vocab.target_range[0]
     if constrained:
-        codes = toks - vocab.struct_offset
-        assert len(codes) == L and (codes >= 0).all() and (codes < vocab.n_struct).all()
-        return Generation(codes=codes, valid=True, length_match=True)
+        codes = toks - lo
+        assert len(codes) == L and vocab.is_target(toks).all()
+        return Generation(codes=codes, valid=True, length_match=True, loglik=float(loglik))
     stop = np.flatnonzero(toks == vocab.eos)
     body = toks[: stop[0]] if len(stop) else toks
-    struct = vocab.is_struct(body)
-    valid = bool(struct.all())
-    codes = body[struct] - vocab.struct_offset
-    return Generation(codes=codes, valid=valid, length_match=valid and len(stop) > 0 and len(codes) == L)
+    target = vocab.is_target(body)
+    valid = bool(target.all())
+    codes = body[target] - lo
+    return Generation(codes=codes, valid=valid, length_match=valid and len(stop) > 0 and len(codes) == L,
+                      loglik=float(loglik))
 
 
-def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, sampling: Sampling | None = None,
+def generate(model, vocab: Vocab, sources: list, *, constrained: bool = True, sampling: Sampling | None = None,
              batch_size: int | None = None, max_batch_tokens: int = 65536, show_progress: bool = False) -> list[Generation]:
-    """Structure tokens for each amino-acid sequence (same order as `seqs`), batched with a KV cache.
+    """The generated part for each source (same order as `sources`), batched with a KV cache.
 
+    `sources`: amino-acid strings (seq2struct) or structure-code arrays (struct2seq), see `Vocab.source`;
     `batch_size`: proteins per batch (default `default_batch_size` of the model's device);
     `max_batch_tokens` bounds rows x longest protein per batch (GPU memory).
     """
-    if not seqs:
+    if not len(sources):
         return []
-    if any(len(s) == 0 for s in seqs):
+    if any(len(s) == 0 for s in sources):
         raise ValueError("empty sequence")
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
-    pick = _Picker(sampling, device)
+    pick = Picker(sampling, device)
     per_token = 2 if vocab.interleaved else 1
-    batches = budget_batches([len(s) * per_token for s in seqs], max_batch_tokens, max_rows=batch_size)
+    batches = budget_batches([len(s) * per_token for s in sources], max_batch_tokens, max_rows=batch_size)
     run = _interleaved_batch if vocab.interleaved else _plain_batch
-    results: list[Generation | None] = [None] * len(seqs)
+    results: list[Generation | None] = [None] * len(sources)
     was_training = model.training
     model.eval()
     try:
         for b in (progress(batches, desc="generate", unit="batch") if show_progress else batches):
-            for i, g in zip(b, run(model, vocab, [seqs[i] for i in b], constrained, pick, device)):
+            for i, g in zip(b, run(model, vocab, [sources[i] for i in b], constrained, pick, device)):
                 results[i] = g
     finally:
         model.train(was_training)

@@ -1,8 +1,9 @@
 """The reference that batched generation must reproduce: plain HF ``generate()``, one protein at a time.
 
 `LayoutConstraint` is a transformers LogitsProcessor that makes ``model.generate()`` follow the
-constrained layout of `tokenfold.generate` for one protein; `reference_generate` decodes one protein
-greedily with it (the slow, obvious way). The tests and bench/bench_generate.py compare
+constrained layout of `tokenfold.generate` for one protein (either direction); `reference_generate`
+decodes one protein greedily with it (the slow, obvious way), optionally with transformers' own
+``repetition_penalty`` and ``no_repeat_ngram_size``. The tests and bench/bench_generate.py compare
 `tokenfold.generate.generate` with it.
 """
 from __future__ import annotations
@@ -15,41 +16,45 @@ from .vocab import Vocab
 
 class LayoutConstraint:
     """A transformers LogitsProcessor that makes plain HF ``generate()`` follow the constrained layout
-    for one protein: structure tokens only at structure slots, the amino acids forced in the
-    interleaved layout, <eos> after L."""
+    for one protein: tokens of `Vocab.choice_range` only at target slots, the source tokens forced in
+    the interleaved layout, <eos> after L."""
 
-    def __init__(self, vocab: Vocab, seq: str, prompt_len: int):
-        self.vocab, self.L, self.prompt_len = vocab, len(seq), prompt_len
-        self.aa = vocab.aa_ids(seq)
+    def __init__(self, vocab: Vocab, source, prompt_len: int):
+        self.vocab, self.L, self.prompt_len = vocab, len(source), prompt_len
+        self.src = vocab.source_ids(source)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         n = input_ids.shape[1] - self.prompt_len  # tokens generated so far
         v = self.vocab
+        lo, hi = v.choice_range
         allow = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
         if v.interleaved:
             if n == 2 * self.L:
                 allow[v.eos] = True
             elif n % 2 == 0:
-                allow[int(self.aa[n // 2])] = True
+                allow[int(self.src[n // 2])] = True
             else:
-                allow[v.struct_offset:v.size] = True
+                allow[lo:hi] = True
         elif n < self.L:
-            allow[v.struct_offset:v.size] = True
+            allow[lo:hi] = True
         else:
             allow[v.eos] = True
         return scores.masked_fill(~allow, float("-inf"))
 
 
 @torch.inference_mode()
-def reference_generate(model, vocab: Vocab, seq: str) -> np.ndarray:
+def reference_generate(model, vocab: Vocab, source, repetition_penalty: float = 1.0,
+                       no_repeat_ngram_size: int = 0) -> np.ndarray:
     """Greedy constrained decoding of ONE protein with HF ``generate()`` (the slow, obvious way): the
-    token ids of the whole example, prompt to ``<eos>`` (``vocab.decode`` gives its codes)."""
+    token ids of the whole example, prompt to ``<eos>`` (``vocab.decode`` gives its codes). `source`:
+    an amino-acid string (seq2struct) or structure codes (struct2seq)."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
-    prompt = torch.as_tensor(vocab.prompt(seq))[None].to(device)
-    n_new = (2 * len(seq) if vocab.interleaved else len(seq)) + 1
+    prompt = torch.as_tensor(vocab.prompt(source))[None].to(device)
+    n_new = (2 * len(source) if vocab.interleaved else len(source)) + 1
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                          do_sample=False, num_beams=1, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
-                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, seq, prompt.shape[1])]))
+                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size or None,
+                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, source, prompt.shape[1])]))
     return out[0].cpu().numpy()

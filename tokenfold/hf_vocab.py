@@ -7,6 +7,7 @@ name where the cluster has the HF cache or network. The LLM keeps its whole voca
     <tf_pad> <tf_bos> <tf_sep> <tf_eos> <tf_3di> <tf_esm> <tf_geo> <tf_kanzi>   special tokens
     <aa_A> <aa_C> .. <aa_Y> <aa_X>                                             amino acids
     <3di_A> .. <3di_Y>   or   <geo_0> .. <geo_511>  (<kind>_<code>)             structure tokens
+    <tf_aa>                                                                    struct2seq only
 
 so our token of minimal id i has the LLM id ``id_offset + i`` (``id_offset`` = the tokenizer's length
 before), and the extended vocabulary is the same `Vocab` with that offset: stages 05/06 and predict
@@ -54,7 +55,7 @@ def token_names(vocab: Vocab) -> list[str]:
         structs = [f"<3di_{s}>" for s in vocab.struct_symbols]
     else:
         structs = [f"<{vocab.kind}_{k}>" for k in range(vocab.n_struct)]
-    return specials + aas + structs
+    return specials + aas + structs + (["<tf_aa>"] if vocab.inverse else [])   # struct2seq's <aa> marker
 
 
 def load_tokenizer(source: str | os.PathLike):
@@ -92,7 +93,7 @@ def extend_tokenizer(tokenizer, vocab: Vocab, source: str) -> Vocab:
         tokenizer.pad_token = names[0]
     meta = dict(vocab.meta, llm={"source": str(source), "base_vocab_size": base, "added_tokens": names})
     return Vocab(kind=vocab.kind, struct_symbols=vocab.struct_symbols, interleaved=vocab.interleaved, meta=meta,
-                 id_offset=base)
+                 direction=vocab.direction, id_offset=base)
 
 
 def fit_embeddings(model, vocab: Vocab) -> None:

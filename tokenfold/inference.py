@@ -25,7 +25,7 @@ from .vocab import Vocab
 log = logging.getLogger("tokenfold.inference")
 
 DECODABLE = ("geo", "kanzi")
-_GROUP = "decoding (constrained: one structure token per residue; greedy by default)"
+_GROUP = "decoding (constrained: one target token per residue, structure token or amino acid; greedy by default)"
 
 
 @dataclass
@@ -36,6 +36,11 @@ class Decoding:
     temperature: float = option(1.0, "sampling temperature", group=_GROUP)
     top_k: int = option(0, "sample among the k most likely tokens (0: off)", group=_GROUP)
     top_p: float = option(1.0, "nucleus sampling mass (1.0: off)", group=_GROUP)
+    repetition_penalty: float = option(1.0, "CTRL/IF_GPT repetition penalty on tokens this protein already generated: "
+                                            "logit/P if positive, logit*P if not (1.0: off; tokenfold/sampling.py)",
+                                       group=_GROUP)
+    no_repeat_ngram: int = option(0, "forbid a token that repeats an n-gram of the generated tokens (IF_GPT's n-gram "
+                                     "blocking; 0: off)", group=_GROUP)
     batch_size: int | None = option(None, "proteins per generation batch (default 64 on a GPU, 16 on a CPU)",
                                     group=_GROUP)
     max_batch_tokens: int = option(65536, "bound on proteins x longest length per batch, for GPU memory",
@@ -49,11 +54,12 @@ class Decoding:
                                        "threads only slow decoding down, else torch's choice)", group=_GROUP)
 
     def sampling(self, seed: int | None = None):
-        """The `tokenfold.generate.Sampling` of these settings (seeded with `seed` when given)."""
-        from .generate import Sampling
+        """The `tokenfold.sampling.Sampling` of these settings (seeded with `seed` when given)."""
+        from .sampling import Sampling
 
         return Sampling(do_sample=self.sample, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                        seed=self.seed if seed is None else seed)
+                        seed=self.seed if seed is None else seed, repetition_penalty=self.repetition_penalty,
+                        no_repeat_ngram=self.no_repeat_ngram)
 
 
 # ----------------------------------------------------------------------------- the model

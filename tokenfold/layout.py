@@ -28,13 +28,13 @@ def codebook_path(k: int) -> Path:
     return CODEBOOK / f"codebook_K{k}.pkl"
 
 
-def tokens_name(kind: str, interleaved: bool = False) -> str:
-    """Name of a token set: `<kind>` or `<kind>_interleaved` (stage 04 writes it, stage 06 finds it)."""
-    return kind + ("_interleaved" if interleaved else "")
+def tokens_name(kind: str, interleaved: bool = False, direction: str = "seq2struct") -> str:
+    """Name of a token set: `<kind>[_interleaved][_struct2seq]` (stage 04 writes it, stage 06 finds it)."""
+    return kind + ("_interleaved" if interleaved else "") + ("" if direction == "seq2struct" else f"_{direction}")
 
 
-def tokens_dir(kind: str, interleaved: bool = False) -> Path:
-    return TOKENS / tokens_name(kind, interleaved)
+def tokens_dir(kind: str, interleaved: bool = False, direction: str = "seq2struct") -> Path:
+    return TOKENS / tokens_name(kind, interleaved, direction)
 
 
 def geo_codebook_path(k: int) -> Path:

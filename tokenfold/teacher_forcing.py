@@ -1,10 +1,11 @@
-"""Teacher-forced scoring: how likely a model finds the TRUE structure tokens of an example.
+"""Teacher-forced scoring: how likely a model finds the TRUE generated part of an example.
 
 Each example (as stage 04 writes it) is fed whole, in length-grouped, right-padded batches
 (`tokenfold.batching.budget_batches`). Per example: the negative log-likelihood summed over the
-training targets (structure tokens and ``<eos>``, the training loss; its mean gives stage 06's
-perplexity) and the model's argmax among the structure tokens at each structure position (stage 06's
-teacher-forced accuracy).
+training targets (target tokens and ``<eos>``, the training loss; its mean gives stage 06's
+perplexity) and the model's argmax among the tokens constrained decoding may choose
+(`Vocab.choice_range`: structure tokens, or the 20 amino acids of struct2seq) at each target
+position (stage 06's teacher-forced accuracy). Either direction (`tokenfold.vocab`).
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ from .vocab import Vocab
 @dataclass
 class TeacherForced:
     """Scores of the true tokens of one example: negative log-likelihood summed over the loss targets
-    (structure tokens and <eos>, the training loss), and the model's argmax among structure tokens."""
+    (target tokens and <eos>, the training loss), and the model's argmax among the allowed choices."""
 
     nll: float          # sum over n_targets
-    n_targets: int      # L + 1 (structure tokens + <eos>)
-    pred_codes: np.ndarray  # argmax over structure tokens at each structure target (teacher forced)
+    n_targets: int      # L + 1 (target tokens + <eos>)
+    pred_codes: np.ndarray  # target codes: argmax over `Vocab.choice_range` at each target (teacher forced)
 
 
 @torch.inference_mode()
@@ -34,7 +35,8 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
     """Score token examples (as written by stage 04) in length-grouped, right-padded batches."""
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
-    so, sz = vocab.struct_offset, vocab.size
+    lo, hi = vocab.target_range
+    clo, chi = vocab.choice_range
     out: list[TeacherForced | None] = [None] * len(examples)
     was_training = model.training
     model.eval()
@@ -51,15 +53,15 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
             logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
             tgt = ids[:, 1:]
             valid = att[:, 1:].bool()
-            lmask = ((tgt >= so) & (tgt < sz) | (tgt == vocab.eos)) & valid
+            tmask = (tgt >= lo) & (tgt < hi) & valid
+            lmask = tmask | ((tgt == vocab.eos) & valid)
             nll = -torch.log_softmax(logits, -1).gather(-1, tgt[..., None])[..., 0]
-            smask = (tgt >= so) & (tgt < sz) & valid
-            arg = logits[..., so:sz].argmax(-1)
+            arg = logits[..., clo:chi].argmax(-1) + (clo - lo)
             nll_sum = (nll * lmask).sum(1).cpu().numpy()
             n_t = lmask.sum(1).cpu().numpy()
-            arg, smask = arg.cpu().numpy(), smask.cpu().numpy()
+            arg, tmask = arg.cpu().numpy(), tmask.cpu().numpy()
             for r, i in enumerate(b):
-                out[i] = TeacherForced(nll=float(nll_sum[r]), n_targets=int(n_t[r]), pred_codes=arg[r][smask[r]])
+                out[i] = TeacherForced(nll=float(nll_sum[r]), n_targets=int(n_t[r]), pred_codes=arg[r][tmask[r]])
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

@@ -65,7 +65,7 @@ class ThreeDiKind(TokenKind):
 
     def __init__(self, cfg: TokenizeConfig):
         super().__init__(cfg)
-        self._v = Vocab.for_kind("3di", interleaved=cfg.interleaved)
+        self._v = Vocab.for_kind("3di", interleaved=cfg.interleaved, direction=cfg.direction)
 
     def vocab(self) -> Vocab:
         return self._v
@@ -95,7 +95,8 @@ class GeoKind(TokenKind):
         ref = {"path": str(path), "relpath": os.path.relpath(path, out.resolve()), "sha256": sha256_file(path),
                "K": self.cb.K, "n_tokens": self.cb.n_tokens, "start_code": self.cb.START,
                "break_code": self.cb.BREAK, "encode_beam": self.cfg.geo_beam}
-        return Vocab.for_kind("geo", n_struct=self.cb.n_tokens, interleaved=self.cfg.interleaved, geo_codebook=ref)
+        return Vocab.for_kind("geo", n_struct=self.cb.n_tokens, interleaved=self.cfg.interleaved,
+                              direction=self.cfg.direction, geo_codebook=ref)
 
     def codes(self, items, k, first_index):
         out: list = [None] * len(items)
@@ -153,6 +154,9 @@ class EsmKind(TokenKind):
             from .extract import default_out_dir
 
             emb_dir = default_out_dir(str(m["esm_model"]), int(m["layer"]))
+        if cfg.direction == "struct2seq":
+            log.warning("esm tokens are computed from the amino-acid sequence itself: struct2seq on them measures "
+                        "how much of the sequence the codes keep, not inverse folding from structure")
         self.emb_dir, self.store, self.model = emb_dir, None, None
         if (emb_dir / "manifest.json").exists():
             from .embedding_store import EmbeddingStore
@@ -176,7 +180,8 @@ class EsmKind(TokenKind):
                "layer": m.get("layer"), "normalize": m.get("normalize"), "K": self.cb.K,
                "random_weights": self.random_weights,
                "vectors": str(self.emb_dir) if self.store is not None else f"computed on the fly ({self.model_spec})"}
-        return Vocab.for_kind("esm", n_struct=self.cb.K, interleaved=self.cfg.interleaved, esm_codebook=ref)
+        return Vocab.for_kind("esm", n_struct=self.cb.K, interleaved=self.cfg.interleaved,
+                              direction=self.cfg.direction, esm_codebook=ref)
 
     def _embed(self, seqs: list[str]) -> list[np.ndarray]:
         from .esm_checkpoint import load_esm
@@ -228,7 +233,8 @@ class KanziKind(TokenKind):
     def vocab(self) -> Vocab:
         m = self.tok.meta
         extra = {"random_weights": True, "WARNING": m["WARNING"]} if self.tok.random_weights else {}
-        return Vocab.for_kind("kanzi", n_struct=self.tok.n_tokens, interleaved=self.cfg.interleaved, kanzi=m, **extra)
+        return Vocab.for_kind("kanzi", n_struct=self.tok.n_tokens, interleaved=self.cfg.interleaved,
+                              direction=self.cfg.direction, kanzi=m, **extra)
 
     def codes(self, items, k, first_index):
         out = []

@@ -2,7 +2,9 @@
 
 The token kinds live in `tokenfold.token_kinds`, the geo codebook fit in `tokenfold.geo_fit`, the
 report in `tokenfold.tokenize_report`; ``interleaved`` switches the example layout (`tokenfold.vocab`)
-for every kind. This module is the stage run: per DB shard, finalize, manifest. Files: see
+for every kind, and ``direction`` which side is the prompt: ``seq2struct`` (amino acids -> structure
+tokens, the default) or ``struct2seq`` (structure tokens -> amino acids, inverse folding). Both are
+recorded in vocab.json, which stages 05, 06 and predict follow. This module is the stage run: per DB shard, finalize, manifest. Files: see
 data/README.md, section stage 04 (formats: `tokenfold.shards`, `tokenfold.vocab`).
 
 Length policy (``max_length`` residues, default 1024): ``crop`` (default) keeps one window of
@@ -38,7 +40,7 @@ from .sharding import my_units
 from .shards import TokenShardWriter, shard_stem
 from .token_kinds import KINDS, TokenKind, make_kind
 from .tokenize_report import build_report
-from .vocab import Vocab
+from .vocab import DIRECTIONS, SEQ2STRUCT, Vocab
 
 log = logging.getLogger("tokenfold.tokenize")
 
@@ -57,8 +59,13 @@ class TokenizeConfig:
                              "stage-03 codes, geo = our decodable C-alpha tokens, kanzi = Kanzi's, 6d = the hand-crafted "
                              "C-alpha baseline codebook (angles, secondary structure, density)",
                              flag="--tokens", choices=KINDS)
-    interleaved: bool = option(False, "interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>)")
-    out: str | None = option(None, f"output directory (default {layout.TOKENS}/<kind>[_interleaved])")
+    interleaved: bool = option(False, "interleave amino acid and structure token (<bos> <kind> a1 s1 a2 s2 .. <eos>; "
+                                      "struct2seq: <bos> <aa> s1 a1 s2 a2 .. <eos>)")
+    direction: str = option(SEQ2STRUCT, "seq2struct: amino acids -> structure tokens (<bos> a1..aL <sep> <kind> "
+                                        "s1..sL <eos>); struct2seq: structure tokens -> amino acids, inverse folding "
+                                        "(<bos> s1..sL <sep> <aa> a1..aL <eos>); recorded in vocab.json",
+                            choices=DIRECTIONS)
+    out: str | None = option(None, f"output directory (default {layout.TOKENS}/<kind>[_interleaved][_struct2seq])")
     max_length: int = option(1024, "max residues per example; examples then hold at most 2L+4 tokens (2L+3 "
                                    "interleaved), and stage 05's --max-len and model positions follow")
     long_policy: str = option("crop", "longer chains: crop = keep one seeded window of --max-length residues; "
@@ -91,6 +98,8 @@ class TokenizeConfig:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown token kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"unknown --direction {self.direction!r}; expected one of {', '.join(DIRECTIONS)}")
         if self.long_policy not in LONG_POLICIES:
             raise ValueError(f"unknown --long-policy {self.long_policy!r}; expected crop or drop")
         if self.max_length < 1:
@@ -103,7 +112,7 @@ class TokenizeConfig:
 
     @property
     def name(self) -> str:
-        return layout.tokens_name(self.kind, self.interleaved)
+        return layout.tokens_name(self.kind, self.interleaved, self.direction)
 
     @property
     def out_dir(self) -> Path:
@@ -268,6 +277,7 @@ def finalize(cfg: TokenizeConfig) -> dict:
     if sum(v["n_examples"] for v in splits.values()) == 0:
         die(f"no examples: every DB entry was rejected (see {out / 'rejects.tsv'})")
     mf = {"format": FORMAT, "version": VERSION, "name": cfg.name, "kind": cfg.kind, "interleaved": cfg.interleaved,
+          "direction": vocab.direction,
           "vocab": "vocab.json", "vocab_sha256": sha256_file(out / "vocab.json"), "vocab_size": vocab.size,
           "n_struct": vocab.n_struct, "db": str(Path(cfg.db).resolve()),
           "db_manifest_sha256": sha256_file(Path(cfg.db) / "manifest.json"),

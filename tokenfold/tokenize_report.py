@@ -36,7 +36,7 @@ def build_report(cfg: TokenizeConfig, vocab: Vocab, summaries, splits, stats, re
         p = row[row > 0] / max(tot, 1)
         freq[s] = {"n_tokens": tot, "codes_used": int((row > 0).sum()), "of": int(vocab.n_struct),
                    "perplexity": float(np.exp(-(p * np.log(p)).sum())) if tot else None}
-    rep = {"stage": "04_tokenize", "name": cfg.name, "kind": cfg.kind, "interleaved": cfg.interleaved,
+    rep = {"stage": "04_tokenize", "name": cfg.name, "kind": cfg.kind, "interleaved": cfg.interleaved, "direction": cfg.direction,
            "vocab_size": vocab.size, "n_struct": vocab.n_struct, "max_length": cfg.max_length,
            "long_policy": cfg.long_policy, "seed": cfg.seed, "db": str(cfg.db),
            "splits": splits, "n_db_entries": int(sum(m["n_entries"] for m in summaries)),

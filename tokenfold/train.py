@@ -221,7 +221,7 @@ class Trainer:
                 "val_examples": len(self.val_ds) if self.val_ds is not None else 0,
                 "padding_fraction_epoch0": s.padding_fraction(), "truncated_examples": s.n_truncated,
                 "vocab": {"kind": self.vocab.kind, "size": self.vocab.size, "interleaved": self.vocab.interleaved,
-                          "id_offset": self.vocab.id_offset},
+                          "direction": self.vocab.direction, "id_offset": self.vocab.id_offset},
                 "exit_status": {"finished": EXIT_OK, "stopped_requeue": EXIT_REQUEUE}})
         self.train_log.start(self.step if resumed else None)
         if self.cfg.wandb:
@@ -290,8 +290,7 @@ class Trainer:
             last = i == len(batches) - 1
             with self.grad_sync(last):
                 with self.autocast():
-                    loss_sum, correct = self.module(**b.model_inputs(dev), labels=b.labels,
-                                                    struct_offset=self.vocab.struct_offset)
+                    loss_sum, correct = self.module(**b.model_inputs(dev), labels=b.labels, eos=self.vocab.eos)
                 # DDP/FSDP average over ranks; times world_size makes it the gradient of the global mean
                 (loss_sum * (dist.world_size / n_loss_global)).backward()
             loss_local += loss_sum.detach().double()
