@@ -53,8 +53,8 @@ def test_predict_cli(tmp_path):
 @pytest.fixture(scope="module")
 def geo_setup(small_db, tmp_path_factory):
     root = tmp_path_factory.mktemp("evalgeo")
-    tok = tokenize(small_db, root / "tokens", "geo", geo_k=64, geo_refine_iters=1,
-                   geo_codebook=str(root / "geo_K64.npz"))
+    tok = tokenize(small_db, root / "tokens", "geo", geo_k=32, geo_refine_iters=1,
+                   geo_codebook=str(root / "geo_K32.npz"), geo_robustness_chains=0)
     ckpt = random_checkpoint(Vocab.load(tok), root / "ckpt_RANDOM")
     return root, tok, ckpt
 
@@ -79,6 +79,17 @@ def test_geo_traces_ceiling_crops_and_pdb(geo_setup, small_db):
         if int(r["n_breaks"]) == 0:
             assert float(r["ceiling_rmsd"]) == float(r["ceiling_rmsd_seg"]) < 1.5 and float(r["ceiling_tm"]) > 0.8, r
     assert s["ceiling"]["tm"]["mean"] > s["pred"]["tm"]["mean"]      # a random model is far from the truth
+    # predicted vs baseline traces: gains are differences of the means; the summary line says yes/no
+    vb = s["vs_baseline_traces"]
+    assert set(vb["baselines"]) == {"most_frequent", "per_aa"}
+    for b, d in vb["baselines"].items():
+        for metric in ("tm", "lddt"):
+            assert d[f"{metric}_gain"] == pytest.approx(s["pred"][metric]["mean"] - s[f"base_{b}"][metric]["mean"])
+        assert d["beats"] == (d["tm_gain"] > 0 and d["lddt_gain"] > 0)
+    assert vb["beats_all"] == all(d["beats"] for d in vb["baselines"].values())
+    from tokenfold.eval_report import summary_line
+
+    assert f"beats baseline traces: {'yes' if vb['beats_all'] else 'no'} (most_frequent TM" in summary_line(m)
     # PDB files: chain A the truth (DB coordinates of the cropped residues), chain B superposed prediction
     pdbs = sorted((out / "pdb").glob("*_pred_vs_true.pdb"))
     assert len(pdbs) == 3 and m["pdb_files"] == 3
@@ -187,3 +198,45 @@ def test_predict_geo_writes_ca_pdb_files(geo_setup, tmp_path):
     st = gemmi.read_structure(str(tmp_path / "pred" / "pdb" / "p2_odd_name.pdb"))
     ca = [res[0] for res in st[0]["A"]]
     assert [a.name for a in ca] == ["CA"] * 5 and gemmi.one_letter_code([r.name for r in st[0]["A"]]).upper() == "GSHMW"
+
+
+def test_decode_from_probs(geo_setup, small_db, tmp_path):
+    """--decode-from probs: the predicted traces are `GeoCodebook.decode_probs` of the model's own
+    per-position probabilities (same tokens as decoding the argmax); another configuration than token
+    decoding; kinds other than geo refuse it in one line."""
+    from tokenfold.checkpoint import load_for_inference
+    from tokenfold.generate import generate
+    from tokenfold.geotokens import GeoCodebook
+    from tokenfold.metrics import trace_metrics
+    from tokenfold.predict import main as predict_main
+
+    root, tok, ckpt = geo_setup
+    common = ["--checkpoint", ckpt, "--tokens", tok, "--db", small_db, "--max-proteins", "3", "--no-unconstrained"]
+    assert evaluate_cli(*common, "--out", tmp_path / "t") == 0
+    assert evaluate_cli(*common, "--out", tmp_path / "p", "--decode-from", "probs") == 0
+    mt, mp = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in "tp")
+    assert mp["decoding"]["decode_from"] == "probs" and mt["decoding"]["decode_from"] == "tokens"
+    assert mp["config_hash"] != mt["config_hash"]
+    assert (tmp_path / "t" / "predictions.fasta").read_text() == (tmp_path / "p" / "predictions.fasta").read_text()
+    model, vocab = load_for_inference(ckpt)
+    cb = GeoCodebook.from_vocab(vocab, tok)
+    db = ProteinDB(small_db)
+    rows = tsv(tmp_path / "p" / "per_protein.tsv")
+    recs = [db.get_global(int(r["db_index"])) for r in rows]
+    spans = [(int(r["crop_start"]), int(r["crop_start"]) + int(r["length"])) for r in rows]
+    gens = generate(model, vocab, [rec.aa[a:b] for rec, (a, b) in zip(recs, spans)], return_probs=True)
+    for r, rec, (a, b), x in zip(rows, recs, spans, cb.decode_probs([g.probs for g in gens])):
+        starts = rec.gap_before[a:b].copy()
+        starts[0] = True
+        m = trace_metrics(x, rec.ca[a:b], rec.aa[a:b], starts)
+        assert float(r["rmsd"]) == pytest.approx(m["rmsd"], abs=1e-3)
+    fasta = tmp_path / "in.fa"
+    fasta.write_text(">p1\nMKVLAAGIVLLK\n")
+    assert predict_main(["--checkpoint", str(ckpt), "--fasta", str(fasta), "--out", str(tmp_path / "pp"),
+                         "--decode-from", "probs"]) == 0
+    assert (tmp_path / "pp" / "pdb" / "p1.pdb").exists()
+    three = constant_checkpoint(Vocab.for_kind("3di"), tmp_path / "c3", code=3, logit=2.0)
+    with pytest.raises(SystemExit) as e:
+        predict_main(["--checkpoint", str(three), "--fasta", str(fasta), "--out", str(tmp_path / "p3"),
+                      "--decode-from", "probs"])
+    assert e.value.code != 0
