@@ -83,7 +83,8 @@ class EvalConfig:
                 "sampling": asdict(d.sampling()), "unconstrained": self.unconstrained,
                 "max_proteins": self.max_proteins, "chunk_size": self.chunk_size,
                 "baseline_max_residues": self.baseline_max_residues, "seed": d.seed,
-                "kanzi_checkpoint": d.kanzi_checkpoint, "decode_from": d.decode_from,
+                "kanzi_checkpoint": d.kanzi_checkpoint,
+                **({"decode_from": d.decode_from} if d.decode_from != "tokens" else {}),  # older runs stay valid
                 "dtype": str(pick_dtype(d.dtype, pick_device(d.device))),  # auto: bf16 on GPU, fp32 on CPU
                 "db": str(Path(self.db).resolve()) if self.db else None}
 
