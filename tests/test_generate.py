@@ -128,26 +128,3 @@ def test_unconstrained_validity_and_length_match():
     early = bigram_llama(vi, {}, default=EOS)
     out = generate(early, vi, ["MKV"], constrained=False)
     assert out[0].valid and not out[0].length_match and len(out[0].codes) == 0
-
-
-@pytest.mark.parametrize("interleaved", [False, True], ids=["plain", "interleaved"])
-def test_return_probs_are_the_distributions_the_tokens_were_chosen_from(interleaved):
-    """`return_probs`: per residue, the softmax over the structure tokens of the logits its token was
-    chosen from, i.e. a full forward over the finished example at the position before each structure
-    token; the tokens are those of plain generation."""
-    v = VOCABS["geo"](interleaved)
-    m = tiny_llama(v, seed=3)
-    seqs = ["M", "AC"] + random_seqs(5, 3, 30, seed=4)
-    plain = generate(m, v, seqs, batch_size=3)
-    got = generate(m, v, seqs, batch_size=3, return_probs=True)
-    for s, a, g in zip(seqs, plain, got):
-        assert a.probs is None and g.probs.shape == (len(s), v.n_struct) and g.probs.dtype == np.float16
-        np.testing.assert_array_equal(a.codes, g.codes)
-        ids = v.encode(s, g.codes)
-        with torch.no_grad():
-            logits = m(input_ids=torch.from_numpy(ids)[None]).logits[0]
-        at = np.flatnonzero(v.is_struct(ids)) - 1
-        ref = torch.softmax(logits[at, v.struct_offset:v.struct_offset + v.n_struct], -1).numpy()
-        np.testing.assert_allclose(g.probs.astype(np.float32), ref, atol=2e-3)
-    with pytest.raises(ValueError, match="constrained"):
-        generate(m, v, ["MKV"], constrained=False, return_probs=True)

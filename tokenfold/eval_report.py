@@ -123,7 +123,7 @@ def finalize(ev: Evaluation) -> dict:
         "db": str(cfg.db), "split": cfg.split, "kind": v.kind, "interleaved": v.interleaved, "n_struct": v.n_struct,
         "n_proteins": n, "n_residues": int(lengths.sum()), "n_skipped": len(skipped_all),
         "skipped": [{"id": a, "reason": b} for a, b in skipped_all[:100]],
-        "decoding": {"constrained": True, **asdict(cfg.decoding.sampling()), "decode_from": cfg.decoding.decode_from},
+        "decoding": {"constrained": True, **asdict(cfg.decoding.sampling())},
         "random_weights_upstream": bool(v.meta.get("random_weights", False)),
         **({"WARNING": v.meta["WARNING"]} if v.meta.get("WARNING") else {}),
         "vocab_meta": v.meta,

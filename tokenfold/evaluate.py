@@ -36,7 +36,7 @@ from . import layout
 from .artifacts import atomic_path, read_json, write_json_atomic
 from .baselines import Baselines, train_examples
 from .cli import die, option, progress
-from .inference import DECODABLE, Decoding, check_decode_from, decode_predictions, load_decoder, load_model
+from .inference import DECODABLE, Decoding, load_decoder, load_model
 from .metrics import TRACE_METRICS, trace_metrics
 from .sharding import my_units
 from .vocab import Vocab
@@ -84,7 +84,6 @@ class EvalConfig:
                 "max_proteins": self.max_proteins, "chunk_size": self.chunk_size,
                 "baseline_max_residues": self.baseline_max_residues, "seed": d.seed,
                 "kanzi_checkpoint": d.kanzi_checkpoint,
-                **({"decode_from": d.decode_from} if d.decode_from != "tokens" else {}),  # older runs stay valid
                 "dtype": str(pick_dtype(d.dtype, pick_device(d.device))),  # auto: bf16 on GPU, fp32 on CPU
                 "db": str(Path(self.db).resolve()) if self.db else None}
 
@@ -170,7 +169,7 @@ def evaluate_chunk(model, vocab: Vocab, rows: list[dict], skipped: list[tuple], 
     seqs = [r["aa"] for r in rows]
     d = cfg.decoding
     gen = generate(model, vocab, seqs, sampling=d.sampling(seed=chunk_seed), batch_size=d.batch_size,
-                   max_batch_tokens=d.max_batch_tokens, return_probs=decoder is not None and d.decode_from == "probs")
+                   max_batch_tokens=d.max_batch_tokens)
     tf = teacher_forced(model, vocab, [r["ids"] for r in rows], d.batch_size, d.max_batch_tokens)
     unc = (generate(model, vocab, seqs, constrained=False, batch_size=d.batch_size,
                     max_batch_tokens=d.max_batch_tokens) if cfg.unconstrained else None)
@@ -185,15 +184,11 @@ def evaluate_chunk(model, vocab: Vocab, rows: list[dict], skipped: list[tuple], 
         for t, name in enumerate(TRACES):
             if name not in per_trace:
                 continue
+            decoded = decoder.decode_many(per_trace[name])
             if name == "pred":
-                decoded = decode_predictions(decoder, gen, d)
-                pred_ca = [np.asarray(x, np.float32) for x in decoded]
-                for g in gen:
-                    g.probs = None     # [L, n_struct] each: not kept past the decoding
-            else:
-                decoded = decoder.decode_many(per_trace[name])
-            for j, (x, r) in enumerate(zip(decoded, rows)):
-                m = trace_metrics(x, r["ca"], r["aa"], r["starts"])
+                pred_ca = [np.asarray(d, np.float32) for d in decoded]
+            for j, (d, r) in enumerate(zip(decoded, rows)):
+                m = trace_metrics(d, r["ca"], r["aa"], r["starts"])
                 tm[t, j] = [m[k] for k in TRACE_METRICS]
     true_codes, off = _ragged([r["true"] for r in rows], np.int64)
     return {
@@ -242,7 +237,6 @@ class Evaluation:
         self.tokens = Path(cfg.tokens)
         if not (self.tokens / "vocab.json").exists():
             raise FileNotFoundError(f"{self.tokens}: no token shards (vocab.json missing); pass --tokens")
-        check_decode_from(cfg.decoding, self.vocab)
         self.token_vocab = Vocab.load(self.tokens / "vocab.json")   # the shards' ids (the model's may be offset)
         check_same_vocab(self.vocab, self.token_vocab, str(self.tokens))
         if cfg.db is None:

@@ -19,11 +19,6 @@ length grouping keeps that waste small. `tokenfold.generate_reference` is the pl
 one-protein-at-a-time HF ``generate()`` with the same constraints, the reference that batched
 generation must reproduce (tests, bench/bench_generate.py).
 
-Per-position probabilities (``return_probs``, constrained only): the softmax over the structure
-tokens of the logits each token was chosen from (after the model's own earlier choices, before any
-temperature), float16 [L, n_struct] per protein, for decoders that read the model's uncertainty
-(`tokenfold.geotokens.GeoCodebook.decode_probs`).
-
 Unconstrained mode lets the model choose freely among all tokens (amino acids still fed in the
 interleaved layout) and reports whether its output was valid (only structure tokens before the end)
 and whether it had exactly L structure tokens.
@@ -65,13 +60,11 @@ class Generation:
     """One protein's output. `codes`: structure codes (constrained: exactly L of them).
 
     `valid`: only structure tokens before the end; `length_match`: valid and exactly L of them, then <eos>.
-    `probs`: with ``return_probs``, float16 [L, n_struct]: the structure-token distribution at each step.
     """
 
     codes: np.ndarray
     valid: bool
     length_match: bool
-    probs: np.ndarray | None = None
 
 
 class _Picker:
@@ -176,22 +169,7 @@ def _unconstrained_budget(L: int) -> int:
 
 
 @torch.inference_mode()
-def _struct_probs(logits: torch.Tensor, vocab: Vocab) -> torch.Tensor:
-    """[B, n_struct] float16 softmax over the structure tokens of `logits` [B, V]."""
-    so = vocab.struct_offset
-    return torch.softmax(logits[:, so:so + vocab.n_struct].float(), dim=-1).half()
-
-
-def _with_probs(gens: list[Generation], probs: list[torch.Tensor] | None) -> list[Generation]:
-    if probs is not None:
-        P = torch.stack(probs, 1).cpu().numpy()
-        for i, g in enumerate(gens):
-            g.probs = P[i, :len(g.codes)]
-    return gens
-
-
-def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device,
-                 return_probs: bool = False) -> list[Generation]:
+def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device) -> list[Generation]:
     B = len(seqs)
     Ls = torch.tensor([len(s) for s in seqs], device=device)
     prompts = [vocab.prompt(s) for s in seqs]
@@ -214,11 +192,8 @@ def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: 
     out = torch.full((B, n_steps), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     so, sz = vocab.struct_offset, vocab.size
-    probs = [] if return_probs and constrained else None
     for t in range(n_steps):
         if constrained:
-            if probs is not None:
-                probs.append(_struct_probs(logits, vocab))
             tok = pick(logits[:, so:sz]) + so
             tok = torch.where(t < Ls, tok, torch.full_like(tok, vocab.pad))
         else:
@@ -231,13 +206,11 @@ def _plain_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: 
         logits = _forward(model, tok[:, None], cache, full_mask[:, :P + t + 1], next_pos)[:, -1]
         next_pos = next_pos + 1
     out = out.cpu().numpy()
-    return _with_probs([_result(vocab, out[i][out[i] != vocab.pad], len(s), constrained) for i, s in enumerate(seqs)],
-                       probs)
+    return [_result(vocab, out[i][out[i] != vocab.pad], len(s), constrained) for i, s in enumerate(seqs)]
 
 
 @torch.inference_mode()
-def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device,
-                       return_probs: bool = False) -> list[Generation]:
+def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, pick: _Picker, device) -> list[Generation]:
     B = len(seqs)
     Ls = [len(s) for s in seqs]
     Lt = torch.tensor(Ls, device=device)
@@ -253,12 +226,9 @@ def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, 
     out = torch.full((B, n_slots), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
     so, sz = vocab.struct_offset, vocab.size
-    probs = [] if return_probs and constrained else None
     for t in range(n_slots):  # slot t < L: after a_{t+1}; slot L: after s_L (the end slot)
         live = (t < Lt) if constrained else ((t <= Lt) & ~ended)
         if constrained:
-            if probs is not None:
-                probs.append(_struct_probs(logits, vocab))
             tok = pick(logits[:, so:sz]) + so
         else:
             tok = pick(logits[:, :sz])
@@ -276,7 +246,7 @@ def _interleaved_batch(model, vocab: Vocab, seqs: list[str], constrained: bool, 
         at_end = (t + 1 == Lt)[:, None]
         logits = torch.where(at_end, after_s, after_a)
     out = out.cpu().numpy()
-    return _with_probs([_result(vocab, out[i][out[i] != vocab.pad], Ls[i], constrained) for i in range(B)], probs)
+    return [_result(vocab, out[i][out[i] != vocab.pad], Ls[i], constrained) for i in range(B)]
 
 
 def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Generation:
@@ -294,11 +264,8 @@ def _result(vocab: Vocab, toks: np.ndarray, L: int, constrained: bool) -> Genera
 
 
 def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, sampling: Sampling | None = None,
-             batch_size: int | None = None, max_batch_tokens: int = 65536, show_progress: bool = False,
-             return_probs: bool = False) -> list[Generation]:
+             batch_size: int | None = None, max_batch_tokens: int = 65536, show_progress: bool = False) -> list[Generation]:
     """Structure tokens for each amino-acid sequence (same order as `seqs`), batched with a KV cache.
-
-    `return_probs` (constrained only): also each step's structure-token distribution (`Generation.probs`).
 
     `batch_size`: proteins per batch (default `default_batch_size` of the model's device);
     `max_batch_tokens` bounds rows x longest protein per batch (GPU memory).
@@ -307,8 +274,6 @@ def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, 
         return []
     if any(len(s) == 0 for s in seqs):
         raise ValueError("empty sequence")
-    if return_probs and not constrained:
-        raise ValueError("return_probs needs constrained decoding (one structure token per residue)")
     sampling = sampling or Sampling()
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
@@ -321,7 +286,7 @@ def generate(model, vocab: Vocab, seqs: list[str], *, constrained: bool = True, 
     model.eval()
     try:
         for b in (progress(batches, desc="generate", unit="batch") if show_progress else batches):
-            for i, g in zip(b, run(model, vocab, [seqs[i] for i in b], constrained, pick, device, return_probs)):
+            for i, g in zip(b, run(model, vocab, [seqs[i] for i in b], constrained, pick, device)):
                 results[i] = g
     finally:
         model.train(was_training)

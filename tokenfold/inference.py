@@ -6,9 +6,7 @@ What stage 06 (`tokenfold.evaluate`) and prediction (`tokenfold.predict`) share:
   its fields (`tokenfold.cli.add_options`);
 - `load_model`: a checkpoint (or run directory) on the chosen device and dtype (`tokenfold.device`,
   through stage 05's `checkpoint.load_for_inference`), with `set_cpu_threads` applied;
-- `load_decoder`: structure codes -> C-alpha traces for the decodable kinds (``geo``, ``kanzi``), and
-  `decode_predictions`: the traces of generated proteins, from their tokens or (``--decode-from probs``,
-  geo only) from the model's per-position token probabilities (`GeoCodebook.decode_probs`);
+- `load_decoder`: structure codes -> C-alpha traces for the decodable kinds (``geo``, ``kanzi``);
 - `write_ca_pdb`: a C-alpha-only PDB file, and `safe_name` for the file name of a protein id.
 """
 from __future__ import annotations
@@ -27,7 +25,6 @@ from .vocab import Vocab
 log = logging.getLogger("tokenfold.inference")
 
 DECODABLE = ("geo", "kanzi")
-DECODE_FROM = ("tokens", "probs")
 _GROUP = "decoding (constrained: one structure token per residue; greedy by default)"
 
 
@@ -47,10 +44,6 @@ class Decoding:
     dtype: str = option("auto", "model dtype (auto: bfloat16 on GPU, float32 on CPU)",
                         choices=("auto", "float32", "bfloat16", "float16"), group=_GROUP)
     kanzi_checkpoint: str | None = option(None, "Kanzi weights, to decode kanzi tokens", group=_GROUP)
-    decode_from: str = option("tokens", "C-alpha traces of geo predictions from the generated tokens, or from "
-                                        "the model's per-position token probabilities (probs: the decoder "
-                                        "weighs every pair of codes by the model's probability)",
-                              choices=DECODE_FROM, group=_GROUP)
     seed: int = option(0, "seed for sampling (and stage 06's baselines' train sample)", group=_GROUP)
     threads: int | None = option(None, "torch CPU threads (default: 1 for models under 20M parameters, where more "
                                        "threads only slow decoding down, else torch's choice)", group=_GROUP)
@@ -114,21 +107,6 @@ def load_decoder(vocab: Vocab, search_dirs=(), kanzi_checkpoint: str | None = No
 
         return kanzi_decoder(vocab, kanzi_checkpoint)
     return None
-
-
-def check_decode_from(decoding: Decoding, vocab: Vocab) -> None:
-    """One line when ``--decode-from probs`` is asked of a kind other than geo (the only decoder that
-    reads probabilities)."""
-    if decoding.decode_from == "probs" and vocab.kind != "geo":
-        raise ValueError(f"--decode-from probs: only geo tokens can be decoded from probabilities, not {vocab.kind}")
-
-
-def decode_predictions(decoder, gens, decoding: Decoding) -> list[np.ndarray]:
-    """C-alpha traces of `tokenfold.generate.Generation`s (generated with ``return_probs`` when
-    ``decoding.decode_from`` is probs)."""
-    if decoding.decode_from == "probs":
-        return decoder.decode_probs([g.probs for g in gens])
-    return decoder.decode_many([g.codes for g in gens])
 
 
 # ----------------------------------------------------------------------------- PDB output

@@ -19,8 +19,7 @@ from pathlib import Path
 from .artifacts import write_text_atomic
 from .cli import add_options, die, options_from_args, setup_logging
 from .fasta import read_fasta
-from .inference import (Decoding, check_decode_from, decode_predictions, load_decoder, load_model, safe_name,
-                        write_ca_pdb)
+from .inference import Decoding, load_decoder, load_model, safe_name, write_ca_pdb
 
 log = logging.getLogger("tokenfold.predict")
 
@@ -47,7 +46,6 @@ def predict(checkpoint: str, fasta: str, out: str, decoding: Decoding | None = N
     decoding = decoding or Decoding()
     sampling = decoding.sampling()  # checked before the model loads
     model, vocab, ckpt = load_model(checkpoint, decoding)
-    check_decode_from(decoding, vocab)
     recs = read_fasta(fasta)
     if not recs:
         raise ValueError(f"{fasta}: no FASTA records")
@@ -65,13 +63,12 @@ def predict(checkpoint: str, fasta: str, out: str, decoding: Decoding | None = N
         seen.add(name)
         keep.append((name, s))
     log.info("predict: %d sequences, %d rejected", len(keep), len(rejects))
-    decoder = load_decoder(vocab, [ckpt], decoding.kanzi_checkpoint)  # None for kinds that do not decode
     gens = generate(model, vocab, [s for _, s in keep], sampling=sampling, batch_size=decoding.batch_size,
-                    max_batch_tokens=decoding.max_batch_tokens, show_progress=True,
-                    return_probs=decoder is not None and decoding.decode_from == "probs")
+                    max_batch_tokens=decoding.max_batch_tokens, show_progress=True)
+    decoder = load_decoder(vocab, [ckpt], decoding.kanzi_checkpoint)  # None for kinds that do not decode
     pdbs = []
     if decoder is not None and keep:
-        for (name, s), ca in zip(keep, decode_predictions(decoder, gens, decoding)):
+        for (name, s), ca in zip(keep, decoder.decode_many([g.codes for g in gens])):
             pdbs.append(write_ca_pdb(out / "pdb" / f"{safe_name(name)}.pdb", {"A": (s, ca)}))
     write_text_atomic(out / "structure_tokens.fasta",
                       "".join(f">{name} kind={vocab.kind} L={len(s)}\n{vocab.symbols(g.codes)}\n"
