@@ -89,8 +89,8 @@ def build_report(cfg: TokenizeConfig, vocab: Vocab, summaries, splits, stats, re
 def geo_robustness_report(cfg: TokenizeConfig, vocab: Vocab) -> dict:
     """The substitution robustness table (module docstring) of the codebook behind `vocab`, on up to
     ``cfg.geo_robustness_chains`` held-out chains (each cut to its first ``cfg.max_length`` residues)."""
-    from .geotokens import GeoCodebook
     from .georobust import format_table, geo_robustness
+    from .geotokens import GeoCodebook
 
     cb = GeoCodebook.from_vocab(vocab, cfg.out_dir)
     db = ProteinDB(cfg.db)
