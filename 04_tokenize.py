@@ -9,7 +9,8 @@ Inputs : --db (stage-01 protein DB); esm kind: --codebook (stage 03) and --embed
          geo kind: the geo codebook --geo-codebook (fit on TRAIN chains); kanzi kind:
          --kanzi-checkpoint (Kanzi weights, plus the kanzi package; chains of at most 255 residues).
 Outputs: --out (default data/tokens/<kind>[_interleaved][_struct2seq]/): vocab.json, <split>/shard_*.bin + .idx.npz,
-         work/ (per-DB-shard markers, statistics, rejects), report.json, token_frequency.png,
+         work/ (per-DB-shard markers, statistics, rejects), report.json (geo: + the robustness table of
+         substituted tokens on --geo-robustness-chains held-out chains), token_frequency.png,
          lengths.png (geo: geo_rmsd_hist.png, geo_rmsd_vs_length.png), rejects.tsv, and manifest.json
          last. geo kind: --geo-codebook (default data/geo/geo_codebook_K<K>.npz). kanzi kind with
          --random-weights-for-testing and no checkpoint: data/models/kanzi_tiny_RANDOM_seed<seed>.pt (tests

@@ -18,12 +18,13 @@ install: $(BIN)/.installed
 # All six stages on the embedded default data, on this machine's CPU (the demo always runs locally;
 # `sbatch slurm/run_pipeline.sh` submits the same chain to SLURM). Pass 1 trains on Foldseek 3Di
 # tokens (06: accuracy against the 3Di baselines); pass 2 reuses stages 01-03 and trains on our
-# decodable geo C-alpha tokens (06: RMSD / TM-score / lDDT, PDB files), with 64 codes for ~8k residues;
-# pass 3 goes the other way, 3Di -> amino acids (inverse folding; 06: sequence recovery against the
-# struct2seq baselines, substitution matrix, and pass 1's model folding the designs back).
+# decodable geo C-alpha tokens (06: RMSD / TM-score / lDDT, PDB files), with 16 placement codes (258
+# pair tokens) for ~8k residues; pass 3 goes the other way, 3Di -> amino acids (inverse folding; 06:
+# sequence recovery against the struct2seq baselines, substitution matrix, and pass 1's model folding
+# the designs back).
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash slurm/run_pipeline.sh --local --config slurm/config/demo.env
-	PATH="$(CURDIR)/$(BIN):$$PATH" TOKEN_KIND=geo S04_ARGS="--geo-k 64" \
+	PATH="$(CURDIR)/$(BIN):$$PATH" TOKEN_KIND=geo S04_ARGS="--geo-k 16" \
 	  bash slurm/run_pipeline.sh --local --config slurm/config/demo.env
 	PATH="$(CURDIR)/$(BIN):$$PATH" TOKENS_SUFFIX=_struct2seq S04_ARGS="--direction struct2seq" \
 	  S06_ARGS="--consistency-checkpoint $${TOKENFOLD_DATA:-data}/runs/demo_3di_tiny/final" \

@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--decode-chains", type=int, default=4, help="of those, how many to decode with Kanzi")
     p.add_argument("--decode-steps", type=int, default=10, help="SDE steps of the Kanzi decodes timed on every shape")
     p.add_argument("--shapes", default="tiny,small,base", help=f"random Kanzi shapes, of {','.join(RANDOM_SHAPES)}")
-    p.add_argument("--geo-k", type=int, default=512)
+    p.add_argument("--geo-k", type=int, default=32, help="geo placement codes K (stage 04's default; tokens are code pairs)")
     p.add_argument("--train-chains", type=int, default=150, help="train chains the geo codebook is fit on")
     p.add_argument("--device", default="cpu", help="torch device for Kanzi (cuda: see the GPU note in the README)")
     p.add_argument("--json", default=None, help="also write the numbers here")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Stage 04 benchmark: structure tokens per second per CPU core for each token kind, and what the geo
-tokens reconstruct on chains their codebook never saw.
+tokens reconstruct, and how they survive token errors, on chains their codebook never saw.
 
 Everything runs on ONE core (BLAS/torch threads pinned to 1 before numpy/torch load). Speeds are
 printed as ratios against a reference measured in the same run on the same chains:
@@ -13,14 +13,19 @@ held-out folders: GTalign queries, HOMSTRAD, MDAnalysis, SCOPe examples; sequenc
 are removed from the held-out set):
 
 1. stage 04 (`tokenfold.tokenize.run`, DB -> token shards, one task, finalize excluded) for
-   3di, geo (greedy and beam 4) and esm (a tiny RANDOM ESM-2 computed on the fly + a stage-03
+   3di, geo (default beam 4 and greedy) and esm (a tiny RANDOM ESM-2 computed on the fly + a stage-03
    codebook; skipped with a message while `tokenfold.codebook` is absent). kanzi: see
    bench/bench_kanzi.py (runs in the Kanzi venv, `make test-kanzi` builds it).
-2. geo encode / decode alone (`GeoCodebook.encode_many` / `decode_many`).
-3. geo reconstruction RMSD on held-out chains: closed loop (greedy, beam 4) vs open loop, by length,
-   and for K in --k-sweep.
+2. geo (v2: pair tokens + Viterbi decoder, `tokenfold.geotokens`) against geo v1 (one placement code
+   per residue, K=512, greedy closed loop: `tokenfold.geoframes.PlacementCodebook` used directly as
+   the token, which is exactly the previous token kind), fit on the same train chains: encode and
+   decode speed, reconstruction RMSD (by length), and the robustness table of `tokenfold.georobust`
+   (random and near-miss substitutions of 0/2/5/10/20% of the tokens, median RMSD/TM/lDDT).
+3. the K trade-off (--k-sweep): tokens, reconstruction and robustness at 10% substitutions per K.
+4. decoding per-position probabilities (`GeoCodebook.decode_probs`) vs their argmax, on simulated
+   model outputs (`georobust.simulated_probs`).
 
-    .venv/bin/python bench/bench_tokenize.py [--train-chains 300] [--k 512] [--k-sweep 64,128,256,512,1024]
+    .venv/bin/python bench/bench_tokenize.py [--train-chains 300] [--k 32] [--k-sweep 16,24,32,45,64]
 """
 from __future__ import annotations
 
@@ -43,7 +48,10 @@ sys.path.insert(0, str(ROOT))
 
 from tokenfold.artifacts import write_json_atomic  # noqa: E402
 from tokenfold.db import ProteinRecord, write_shard  # noqa: E402
-from tokenfold.geotokens import GeoCodebook, open_loop_codes, reconstruction_rmsd, segment_starts  # noqa: E402
+from tokenfold.geoframes import PlacementCodebook  # noqa: E402
+from tokenfold.georobust import (format_table, geo_robustness, near_miss_tokens, robustness_table,  # noqa: E402
+                                 score_trace, simulated_probs)
+from tokenfold.geotokens import GeoCodebook, reconstruction_rmsd, segment_starts  # noqa: E402
 from tokenfold.metrics import segment_rmsd  # noqa: E402
 from tokenfold.structure import parse_structure_file  # noqa: E402
 from tokenfold.threedi import encode_3di  # noqa: E402
@@ -90,8 +98,10 @@ def by_length(L, r):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-chains", type=int, default=300, help="train chains for the geo codebook fit")
-    p.add_argument("--k", type=int, default=512, help="geo K for the stage runs")
-    p.add_argument("--k-sweep", default="64,128,256,512,1024", help="geo K values for the RMSD sweep ('' = none)")
+    p.add_argument("--k", type=int, default=32, help="geo K (placement codes) for the stage runs and the v1 comparison")
+    p.add_argument("--v1-k", type=int, default=512, help="K of the geo v1 reference (its stage-04 default)")
+    p.add_argument("--k-sweep", default="16,24,32,45,64", help="geo K values for the trade-off table ('' = none)")
+    p.add_argument("--robust-chains", type=int, default=0, help="held-out chains for the robustness tables (0 = all)")
     p.add_argument("--json", default=None, help="also write the numbers here")
     a = p.parse_args()
     if not SHARED.exists():
@@ -152,8 +162,8 @@ def main():
         fit_s = time.perf_counter() - t
         res["geo_fit"] = {"K": a.k, "seconds": fit_s, "chains": cb.meta["fit_chains"],
                           "residues": cb.meta["fit_residues"], "rms_step_error": cb.meta["fit_rms_step_error"]}
-        rows.append(("geo", *stage("geo")))
-        rows.append(("geo beam4", *stage("geo", geo_beam=4)))
+        rows.append(("geo (beam 4, default)", *stage("geo")))
+        rows.append(("geo greedy (beam 1)", *stage("geo", geo_beam=1)))
         esm_note = None
         try:
             rows.append(("esm (tiny RANDOM ESM-2, on the fly)", *esm_stage(tmp, db, recs, stage)))
@@ -173,44 +183,93 @@ def main():
         print(f"  geo codebook fit (K={a.k}, {cb.meta['fit_residues']} train residues, once before the array): "
               f"{fit_s:.1f}s")
 
-    # ---- geo encode/decode alone, and reconstruction on held-out chains
+    # ---- geo v2 against geo v1, same train chains, same held-out chains
     cas = [c.ca for _, c in held]
     gaps = [c.gap_before for _, c in held]
     L = np.array([len(x) for x in cas])
+    train_pairs = [(c.ca, c.gap_before) for _, c in train]
     t = time.perf_counter()
-    codes = cb.encode_many(cas, gaps)
-    enc = rate(L.sum(), time.perf_counter() - t)
-    t = time.perf_counter()
-    cb.decode_many(codes)
-    dec = rate(L.sum(), time.perf_counter() - t)
-    res["geo_encode_residues_per_s"], res["geo_decode_residues_per_s"] = enc, dec
-    print(f"\ngeo K={a.k} alone: encode {enc:.0f} residues/s/core ({enc / ref:.2f}x reference), decode {dec:.0f}/s")
+    v1, _, _ = PlacementCodebook.fit(train_pairs, K=a.v1_k, seed=0, beam=1)
+    res["geo_v1_fit_s"] = time.perf_counter() - t
+    print(f"\ngeo v1 reference: K={a.v1_k} placement codes, one per residue, greedy (fit {res['geo_v1_fit_s']:.1f}s)")
+    speeds = {}
+    for name, enc, dec in (("v2", lambda: cb.encode_many(cas, gaps), cb.decode_many),
+                           ("v2 greedy", lambda: cb.encode_many(cas, gaps, beam=1), cb.decode_many),
+                           ("v1", lambda: v1.encode_many(cas, gaps), v1.decode_many)):
+        t = time.perf_counter()
+        codes = enc()
+        e = rate(L.sum(), time.perf_counter() - t)
+        t = time.perf_counter()
+        dec(codes)
+        speeds[name] = (e, rate(L.sum(), time.perf_counter() - t))
+    res["geo_speed_residues_per_s"] = {k: {"encode": e, "decode": d} for k, (e, d) in speeds.items()}
+    print(f"geo encode / decode alone on {len(held)} held-out chains ({L.sum()} residues), residues/s/core:")
+    for k, (e, d) in speeds.items():
+        print(f"  {k:10s} encode {e:8.0f} ({e / speeds['v1'][0]:5.2f}x v1)   decode {d:8.0f} ({d / speeds['v1'][1]:5.3f}x v1)")
 
     print(f"\ngeo reconstruction C-alpha RMSD on {len(held)} held-out chains (A; each segment between chain "
           "breaks superposed on its own):")
-    r1 = reconstruction_rmsd(cb, cas, gaps)
-    r4 = reconstruction_rmsd(cb, cas, gaps, beam=4)
-    ro = np.array([segment_rmsd(cb.decode(open_loop_codes(cb, x, g)), x, segment_starts(x, g)) for x, g in zip(cas, gaps)])
-    for name, r in (("closed loop, greedy (default)", r1), ("closed loop, beam 4", r4), ("open loop (no feedback)", ro)):
+    recon = {f"v2 K={a.k} beam 4 (default)": reconstruction_rmsd(cb, cas, gaps),
+             f"v2 K={a.k} greedy": reconstruction_rmsd(cb, cas, gaps, beam=1),
+             f"v1 K={a.v1_k} greedy": np.array([segment_rmsd(x, ca, segment_starts(ca, g)) for x, ca, g in
+                                                zip(v1.decode_many(v1.encode_many(cas, gaps)), cas, gaps)])}
+    for name, r in recon.items():
         d = dist(r)
         res.setdefault("geo_rmsd", {})[name] = {**d, "by_length": by_length(L, r)}
         bl = "  ".join(f"{k}: {v['median']:.3f} (n={v['n']})" for k, v in by_length(L, r).items())
-        print(f"  K={a.k} {name:30s} median {d['median']:.3f} mean {d['mean']:.3f} p90 {d['p90']:.3f} "
+        print(f"  {name:26s} median {d['median']:.3f} mean {d['mean']:.3f} p90 {d['p90']:.3f} "
               f"max {d['max']:.3f} | median by length: {bl}")
+
+    rob = held[:a.robust_chains] if a.robust_chains else held
+    rc, rg = [c.ca for _, c in rob], [c.gap_before for _, c in rob]
+    t = time.perf_counter()
+    tables = {f"geo v2 (K={a.k}, {cb.n_tokens} tok)": geo_robustness(cb, rc, rg),
+              f"geo v1 (K={a.v1_k}, {a.v1_k + 2} tok)": robustness_table(
+                  v1.encode_many(rc, rg), v1.decode_many, v1.K, near_miss_tokens(v1.centroids, pair=False), rc, rg)}
+    res["geo_robustness"] = tables
+    print(f"\ngeo robustness: a fraction of the tokens of {len(rob)} held-out chains substituted (random: any other "
+          "geometric token; near: the 2nd-nearest code), decoded, scored against the truth; medians over chains "
+          f"({time.perf_counter() - t:.0f}s):")
+    print(format_table(tables))
+
     if a.k_sweep:
-        print("\n  K sweep (fit on the same train chains; greedy closed loop; token perplexity on held-out chains):")
+        print("\ngeo K trade-off (fit on the same train chains, default beam; robustness on the same held-out chains):")
+        print(f"  {'K':>4s} {'tokens':>6s} {'RMSD median':>11s} {'p90':>6s} | {'random 10%: TM  lDDT':>20s} | "
+              f"{'near 10%: TM  lDDT':>18s} | {'encode res/s':>12s} {'fit s':>6s}")
         for K in map(int, a.k_sweep.split(",")):
             t = time.perf_counter()
-            c2 = GeoCodebook.fit([(c.ca, c.gap_before) for _, c in train], K=K, seed=0)
+            c2 = cb if K == a.k else GeoCodebook.fit(train_pairs, K=K, seed=0)
             fs = time.perf_counter() - t
-            r = reconstruction_rmsd(c2, cas, gaps)
-            cnt = np.bincount(np.concatenate(c2.encode_many(cas, gaps)), minlength=c2.n_tokens)
-            pr = cnt[cnt > 0] / cnt.sum()
-            ppl = float(np.exp(-(pr * np.log(pr)).sum()))
-            d = dist(r)
-            res.setdefault("geo_k_sweep", {})[K] = {**d, "fit_s": fs, "token_perplexity": ppl}
-            print(f"  K={K:5d}: median {d['median']:.3f} mean {d['mean']:.3f} p90 {d['p90']:.3f} max {d['max']:.3f}"
-                  f"  perplexity {ppl:6.1f}  (fit {fs:.1f}s)")
+            t = time.perf_counter()
+            toks = c2.encode_many(cas, gaps)
+            enc = rate(L.sum(), time.perf_counter() - t)
+            r = np.array([segment_rmsd(x, ca, segment_starts(ca, g)) for x, ca, g in zip(c2.decode_many(toks), cas, gaps)])
+            rows_k = geo_robustness(c2, rc, rg, rates=(0.10,))
+            rr = next(x for x in rows_k if x["mode"] == "random")
+            nr = next(x for x in rows_k if x["mode"] == "near")
+            res.setdefault("geo_k_sweep", {})[K] = {**dist(r), "n_tokens": c2.n_tokens, "robustness_10pct": rows_k,
+                                                    "encode_residues_per_s": enc, "fit_s": fs}
+            print(f"  {K:4d} {c2.n_tokens:6d} {np.median(r):11.3f} {np.percentile(r, 90):6.3f} | "
+                  f"{rr['tm']:12.3f} {rr['lddt']:6.3f} | {nr['tm']:10.3f} {nr['lddt']:6.3f} | {enc:12.0f} "
+                  f"{fs if K != a.k else res['geo_fit']['seconds']:6.1f}")
+
+    prob_chains = [(n, c) for n, c in rob if len(c) <= 400][:40]
+    print(f"\ngeo decode_probs vs decoding the argmax, {len(prob_chains)} held-out chains (<= 400 residues), "
+          "simulated per-position probabilities (tokenfold.georobust.simulated_probs):")
+    pt = cb.encode_many([c.ca for _, c in prob_chains], [c.gap_before for _, c in prob_chains])
+    for kind, strength in (("random", 4.5), ("random", 4.0), ("geometric", 0.3), ("geometric", 1.0)):
+        rng = np.random.default_rng(0)
+        probs = [simulated_probs(cb, t_, rng, kind, strength) for t_ in pt]
+        err = float(np.mean(np.concatenate([p.argmax(1) != t_ for p, t_ in zip(probs, pt)])))
+        sa = np.array([score_trace(x, c.ca, c.gap_before) for x, (_, c) in
+                       zip(cb.decode_many([p.argmax(1) for p in probs]), prob_chains)])
+        sp = np.array([score_trace(x, c.ca, c.gap_before) for x, (_, c) in zip(cb.decode_probs(probs), prob_chains)])
+        ma, mp = np.nanmedian(sa, 0), np.nanmedian(sp, 0)
+        res.setdefault("geo_decode_probs", []).append({"kind": kind, "strength": strength, "argmax_token_error": err,
+                                                       "argmax": ma.tolist(), "probs": mp.tolist()})
+        print(f"  {kind:9s} (strength {strength}): argmax wrong on {err * 100:4.1f}% of tokens | argmax decode RMSD "
+              f"{ma[0]:5.2f} TM {ma[1]:.3f} lDDT {ma[2]:.3f} | decode_probs RMSD {mp[0]:5.2f} TM {mp[1]:.3f} "
+              f"lDDT {mp[2]:.3f}")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2, default=float))
 

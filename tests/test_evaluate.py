@@ -55,8 +55,8 @@ def test_predict_cli(tmp_path):
 @pytest.fixture(scope="module")
 def geo_setup(small_db, tmp_path_factory):
     root = tmp_path_factory.mktemp("evalgeo")
-    tok = tokenize(small_db, root / "tokens", "geo", geo_k=64, geo_refine_iters=1,
-                   geo_codebook=str(root / "geo_K64.npz"))
+    tok = tokenize(small_db, root / "tokens", "geo", geo_k=32, geo_refine_iters=1,
+                   geo_codebook=str(root / "geo_K32.npz"), geo_robustness_chains=0)
     ckpt = random_checkpoint(Vocab.load(tok), root / "ckpt_RANDOM")
     return root, tok, ckpt
 
@@ -81,6 +81,17 @@ def test_geo_traces_ceiling_crops_and_pdb(geo_setup, small_db):
         if int(r["n_breaks"]) == 0:
             assert float(r["ceiling_rmsd"]) == float(r["ceiling_rmsd_seg"]) < 1.5 and float(r["ceiling_tm"]) > 0.8, r
     assert s["ceiling"]["tm"]["mean"] > s["pred"]["tm"]["mean"]      # a random model is far from the truth
+    # predicted vs baseline traces: gains are differences of the means; the summary line says yes/no
+    vb = s["vs_baseline_traces"]
+    assert set(vb["baselines"]) == {"most_frequent", "per_aa"}
+    for b, d in vb["baselines"].items():
+        for metric in ("tm", "lddt"):
+            assert d[f"{metric}_gain"] == pytest.approx(s["pred"][metric]["mean"] - s[f"base_{b}"][metric]["mean"])
+        assert d["beats"] == (d["tm_gain"] > 0 and d["lddt_gain"] > 0)
+    assert vb["beats_all"] == all(d["beats"] for d in vb["baselines"].values())
+    from tokenfold.eval_report import summary_line
+
+    assert f"beats baseline traces: {'yes' if vb['beats_all'] else 'no'} (most_frequent TM" in summary_line(m)
     # PDB files: chain A the truth (DB coordinates of the cropped residues), chain B superposed prediction
     pdbs = sorted((out / "pdb").glob("*_pred_vs_true.pdb"))
     assert len(pdbs) == 3 and m["pdb_files"] == 3

@@ -24,6 +24,7 @@ def tok_cfg(db, out, **kw):
     """A TokenizeConfig for tests: small geo codebooks, stored next to `out`."""
     kw.setdefault("geo_k", 64)
     kw.setdefault("geo_refine_iters", 1)
+    kw.setdefault("geo_robustness_chains", 4)     # the report's robustness table: test_token_kinds pins it
     kw.setdefault("geo_codebook", str(Path(out).parent / f"geo_K{kw['geo_k']}.npz"))
     return TokenizeConfig(db=str(db), out=str(out), **kw)
 
@@ -191,14 +192,15 @@ def test_every_flag_reaches_its_setting():
     p = tokenize_cli_module().parser()
     a = p.parse_args(["--tokens", "geo", "--interleaved", "--direction", "struct2seq", "--db", "D", "--out", "O", "--max-length", "7",
                       "--long-policy", "drop", "--seed", "3", "--overwrite", "--geo-k", "9", "--geo-codebook", "G",
-                      "--geo-fit-max-residues", "11", "--geo-refine-iters", "2", "--geo-beam", "4", "--codebook", "C",
+                      "--geo-fit-max-residues", "11", "--geo-refine-iters", "2", "--geo-beam", "3", "--codebook", "C",
+                      "--geo-robustness-chains", "6",
                       "--embeddings", "E", "--esm-model", "M", "--random-weights-for-testing", "--device", "cpu",
                       "--kanzi-checkpoint", "K", "--kanzi-decode-steps", "5", "--finalize", "--fit-geo-codebook",
                       "--refit-geo", "--num-shards", "2", "--shard-index", "1", "-v"])
     assert asdict(options_from_args(TokenizeConfig, a)) == {
         "db": "D", "kind": "geo", "interleaved": True, "direction": "struct2seq", "out": "O", "max_length": 7, "long_policy": "drop", "seed": 3,
         "overwrite": True, "geo_k": 9, "geo_codebook": "G", "geo_fit_max_residues": 11, "geo_refine_iters": 2,
-        "geo_beam": 4, "codebook": "C", "embeddings": "E", "esm_model": "M", "random_weights_for_testing": True,
+        "geo_robustness_chains": 6, "geo_beam": 3, "codebook": "C", "embeddings": "E", "esm_model": "M", "random_weights_for_testing": True,
         "device": "cpu", "kanzi_checkpoint": "K", "kanzi_decode_steps": 5}
     assert (a.finalize, a.fit_geo_codebook, a.refit_geo, a.num_shards, a.shard_index, a.verbose) == \
         (True, True, True, 2, 1, True)

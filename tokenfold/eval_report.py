@@ -245,8 +245,23 @@ def structure_metrics(tm: np.ndarray, lengths: np.ndarray, n_breaks: np.ndarray)
     s["by_length"] = {m: binned(lengths, tm[0, :, j]) for j, m in enumerate(TRACE_METRICS)
                       if m in ("rmsd", "tm", "lddt")}
     s["proteins_with_chain_breaks"] = int((n_breaks > 0).sum())
+    s["vs_baseline_traces"] = vs_baseline_traces(s)
     s["note"] = STRUCTURE_NOTE
     return s
+
+
+def vs_baseline_traces(s: dict) -> dict:
+    """Do the predicted traces beat each baseline trace on mean TM-score and mean lDDT, and by how much
+    (pred - baseline; positive = better). `beats_all` needs both metrics against every baseline."""
+    out = {}
+    for name in TRACES:
+        if not name.startswith("base_") or not s[name]["tm"].get("n"):
+            continue
+        d = {m: s["pred"][m]["mean"] - s[name][m]["mean"] for m in ("tm", "lddt")}
+        out[name[5:]] = {"tm": s[name]["tm"]["mean"], "lddt": s[name]["lddt"]["mean"], "tm_gain": d["tm"],
+                         "lddt_gain": d["lddt"], "beats": bool(d["tm"] > 0 and d["lddt"] > 0)}
+    return {"baselines": out, "beats_all": bool(out) and all(b["beats"] for b in out.values()),
+            "metric": "mean TM-score and mean lDDT over proteins; gain = predicted minus baseline"}
 
 
 def per_protein_table(P: dict, lengths: np.ndarray, scores: dict[str, np.ndarray], unconstrained: bool,
@@ -292,8 +307,13 @@ def summary_line(m: dict) -> str:
     if "structure" in m:
         p, c = m["structure"]["pred"], m["structure"]["ceiling"]
         if p["rmsd"].get("n"):
-            s += (f"; RMSD median {p['rmsd']['median']:.2f} A, TM mean {p['tm']['mean']:.3f} "
-                  f"(ceiling RMSD {c['rmsd']['median']:.2f} A, TM {c['tm']['mean']:.3f})")
+            s += (f"; RMSD median {p['rmsd']['median']:.2f} A, TM mean {p['tm']['mean']:.3f}, lDDT mean "
+                  f"{p['lddt']['mean']:.3f} (ceiling RMSD {c['rmsd']['median']:.2f} A, TM {c['tm']['mean']:.3f})")
+        vb = m["structure"].get("vs_baseline_traces", {})
+        if vb.get("baselines"):
+            s += ("; beats baseline traces: " + ("yes" if vb["beats_all"] else "no") + " ("
+                  + ", ".join(f"{b} TM {d['tm']:.3f} ({d['tm_gain']:+.3f}), lDDT {d['lddt']:.3f} ({d['lddt_gain']:+.3f})"
+                              for b, d in vb["baselines"].items()) + ")")
     if "unconstrained" in m:
         u = m["unconstrained"]
         s += f"; unconstrained valid {u['validity_rate']:.2f}, length match {u['length_match_rate']:.2f}"

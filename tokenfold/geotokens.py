@@ -1,64 +1,81 @@
-"""Geo tokens: decodable C-alpha tokens that TokenFold learns itself (no external weights).
+"""Geo tokens (v2): decodable C-alpha tokens that survive prediction errors (no external weights).
 
 What a token means
 ------------------
-Residue i is placed from the three residues before it. In the *local frame* of i (origin at
-x[i-1]; e1 along the bond x[i-2] -> x[i-1]; e3 normal to the plane of x[i-3], x[i-2], x[i-1];
-e2 = e3 x e1) its position is a 3-vector c. In spherical terms ``|c|`` is the virtual bond length
-(~3.8 A, ~2.9 A for cis peptides), the angle between ``c`` and ``-e1`` is the virtual bond angle and
-the azimuth of ``c`` around e1 the virtual dihedral of x[i-3..i]. The codebook is K such vectors
-(k-means, K configurable, fit on train chains only), so the Euclidean distance that k-means
-minimises is exactly the placement error in Angstrom.
+Every residue gets a *placement code* a[i] in 0..K-1 (`tokenfold.geoframes`: where the C-alpha sits
+relative to the three before it; K k-means vectors fit on train chains, closed-loop beam encoding).
+The token of residue i is the PAIR of codes of residue i-1 and residue i::
 
-Two special codes follow the K geometric ones (``n_tokens = K + 2``):
-``START = K`` on the first residue of a chain and ``BREAK = K + 1`` on the first residue after a
-chain break. No geometry crosses a break: the tokens say nothing about where a segment lies
-relative to the one before it (there is no fake 3.8 A bond across a gap).
+    token[i] = a[i-1] * K + a[i]        (n_tokens = K*K + 2)
 
-Closed-loop encoding
---------------------
-Each token is chosen against the already *decoded* chain: the target of residue i is the true
-x[i] expressed in the frame of the decoded x^[i-3..i-1], and the code nearest to it is taken. The
-error of x^[i] is therefore just the quantisation error of that one step; it does not accumulate
-along the chain (an open-loop encoder, which quantises the true internal coordinates, drifts
-like a random walk). ``beam > 1`` keeps the ``beam`` best partial decodings (summed squared
-placement error) instead of the greedy one; `bench/bench_tokenize.py` and the stage-04 report
-give what that buys.
+so every code is written twice: as the "own" half of its residue's token and as the "copy" half of
+the next residue's token. A single wrong token therefore loses nothing: its residue's code is still
+in the next token, its predecessor's code in the previous one. This is the hinge problem of geo v1
+(token = placement code): one wrong code rotated the whole rest of the chain, and only information
+that spans the position (the next token's copy of it) can resist it.
 
-Segment starts (chain start and after a break)
-----------------------------------------------
-A segment is placed in a canonical pose: its first residue at the anchor (the origin for the first
-segment; ``GAP_OFFSET`` A along +x from the last decoded residue for later ones), its second
-residue on the +x axis from there, its third in the xy plane (y > 0). Those residues use the
-ordinary geometric codes, matched only on what is defined there: the bond length ``|c|`` for the
-second residue, (component along the bond, distance from the bond axis) for the third. The encoder
-moves each true segment into the same canonical pose before targeting it, so the closed loop holds
-from the first residue of every segment.
+Special tokens: ``START = K*K`` on the first residue of a chain, ``BREAK = K*K + 1`` on the first
+residue after a chain break; the second residue of a segment has no coded predecessor and its copy
+half repeats its own code (token a*K + a). No geometry crosses a break: segments are decoded
+independently and a later segment is drawn ``GAP_OFFSET`` A away (no fake 3.8 A bond).
 
-Breaks
-------
-A new segment starts where the input says so (``gap_before``, e.g. from the DB) and wherever two
-consecutive C-alphas are further apart than ``MAX_BOND`` (4.2 A; real virtual bonds are 2.8-4.0 A,
-distances above that are missing residues). ``tokenfold.metrics.segment_rmsd`` superposes each segment separately
-(residue-weighted RMS over segments), since the relative pose of segments is not encoded; the
-decoded output puts a later segment 10 A away so that a decoded trace shows its breaks.
+What the redundancy cannot do: the copy half is a function of the previous token, so a model that
+generates left to right and conditions on its own output will mostly write consistent pairs; the
+pairs catch errors that are independent per position (and `decode_probs` uses per-position
+uncertainty), not a wrong code the model then commits to.
 
-Measured (`bench/bench_tokenize.py`: fit on 300 train chains of ../shared, 170 held-out chains of
-other sources, RMSD as `segment_rmsd`): K=512, greedy: median 0.17 A (p90 0.21, max 0.32), flat with
-length (0.19 / 0.16 / 0.18 / 0.18 A for < 100 / 100-199 / 200-399 / >= 400 residues); beam 4: 0.16 A;
-open loop: 2.8 A, growing from 1.9 to 4.3 A with length. K = 64 / 128 / 256 / 1024: 0.55 / 0.36 /
-0.25 / 0.13 A, at token perplexities 46 / 87 / 170 / 626 (328 at K=512).
+How decoding works
+------------------
+1. The code sequence behind the tokens is recovered by Viterbi (exact MAP over the K codes of each
+   residue, per segment): each token scores the pair (a[i-1], a[i]) it says with an error model
+   (right with probability 1 - `TOKEN_ERROR`; when wrong, half the time in one half only, half the
+   time anywhere), plus a transition prior log P(a[i] | a[i-1]) counted on the train chains at fit
+   time (`PRIOR_WEIGHT`). A lone wrong token disagrees with both neighbours and is outvoted; the
+   prior decides ties (a near-miss in one half of one token) and runs of wrong tokens.
+2. The codes are placed residue by residue (`PlacementCodebook.decode_many`).
 
-File format (``save``/``load``): an ``.npz`` without pickles, holding ``centroids`` float64 [K,3],
-``meta_json`` (K, features, fit data, seed, fit errors, version) and, when known, ``fit_db_index``
-(the DB indices of the train chains it was fit on), written deterministically
-(fixed zip timestamps) so refitting with the same inputs and seed gives a byte-identical file.
+`decode_probs` takes per-position probabilities [L, n_tokens] instead of argmax tokens: each position
+then scores every code pair with the model's own probability (log P[i, a[i-1]*K + a[i]]), so a
+confident position outvotes an unsure neighbour and a near-tie keeps its second choice in play. It
+helps on per-position errors (simulated below), NOT on a left-to-right model's own output: on the
+shared set's 110 test chains, decoding the greedy run's per-position probabilities of two tiny models
+gave the traces of their argmax tokens (mean TM 0.098 vs 0.098; with --struct-input-noise 0.9 0.111 vs
+0.113), since each step's distribution is conditioned on the model's previous choice and its copy
+halves agree with that choice. Stage 06 and predict therefore decode tokens (no probability option).
+
+Measured (`bench/bench_tokenize.py`, one run on a busy 2-core machine; fit on 300 train chains of
+../shared, 60,620 residues; scored on 170 held-out chains of other sources, 36,662 residues; the
+substitution and scoring rules of `tokenfold.georobust`; geo v1 = K=512 placement codes, one per residue):
+
+    median over chains        K=32 pair tokens (1,026)     geo v1 (514 tokens)
+                              RMSD    TM     lDDT          RMSD    TM     lDDT
+    no substitution           0.65   0.980  0.908          0.17   0.999  1.000
+    random  5% / 10% / 20%    0.70   0.961  0.899         17.8    0.411  0.497
+                              7.62   0.760  0.749         19.0    0.301  0.402
+                             15.2    0.516  0.578         21.2    0.218  0.334
+    near miss 10%             4.01   0.699  0.685          1.79   0.878  0.816
+
+Reconstruction is flat with length (median 0.69 / 0.63 / 0.65 / 0.67 A for < 100 / 100-199 /
+200-399 / >= 400 residues; greedy encoding 0.84 A). Near misses cost MORE than in geo v1: with 32
+codes the nearest other code is a median 1.35 A away (v1's K=512: 0.38 A), and where the two copies of a code
+differ by a near miss nothing says which one is right (the prior guesses). Larger K trades vocabulary
+for both (K / tokens / RMSD / TM at 10% random / TM at 10% near): 16 / 258 / 0.99 / 0.74 / 0.58;
+24 / 578 / 0.85 / 0.78 / 0.64; 32 / 1,026 / 0.65 / 0.76 / 0.70; 45 / 2,027 / 0.55 / 0.81 / 0.74;
+64 / 4,098 / 0.45 / 0.84 / 0.78. Decoding simulated model probabilities (`georobust.simulated_probs`,
+40 chains) instead of their argmax: argmax wrong on 12% of positions (arbitrary wrong tokens) TM 0.73
+-> 0.94; 23%: 0.48 -> 0.81; near-miss-like noise, 9%: 0.80 -> 0.86; 43%: 0.42 -> 0.51. Speed, one
+core: encode 10k residues/s (beam 4; 0.4x geo v1), decode 23k residues/s (0.5x geo v1).
+
+File format (``save``/``load``): an ``.npz`` without pickles holding ``centroids`` float64 [K,3]
+(placement codes), ``transitions`` int64 [K,K] and ``first`` int64 [K] (code counts of the train
+chains, the Viterbi prior), ``meta_json`` and, when known, ``fit_db_index`` (the DB indices of the
+train chains), written with fixed zip timestamps: refitting with the same inputs and seed gives a
+byte-identical file.
 """
 from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import zipfile
 from pathlib import Path
@@ -66,157 +83,222 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_path, sha256_file
+from .geoframes import GAP_OFFSET, MAX_BOND, PlacementCodebook, segment_positions, segment_starts
 from .metrics import segment_rmsd
-from .structure import BREAK_DISTANCE, chain_breaks
+from .artifacts import atomic_path, sha256_file
 
-log = logging.getLogger("tokenfold.geotokens")
+__all__ = ["GeoCodebook", "reconstruction_rmsd", "segment_starts", "segment_positions", "GAP_OFFSET", "MAX_BOND"]
 
 FORMAT = "tokenfold-geo-codebook"
-VERSION = 1
-FEATURES = "local_frame_xyz(CA_i | CA_i-3..CA_i-1): virtual bond length, bond angle, dihedral"
-MAX_BOND = BREAK_DISTANCE   # 4.2 A: a longer CA-CA distance is a chain break (same rule as stage 01)
-GAP_OFFSET = 10.0   # A: where decode puts the first residue of a later segment (along +x)
-_EPS = 1e-9
+VERSION = 2
+FEATURES = ("pair token (a[i-1], a[i]) of placement codes; placement = local_frame_xyz(CA_i | CA_i-3..CA_i-1): "
+            "virtual bond length, bond angle, dihedral")
+DEFAULT_K = 32          # 1,026 tokens
+DEFAULT_BEAM = 4        # closed-loop encoder beam (fit and encode)
+MAX_K = 250             # K*K + 2 structure tokens + the amino acids must fit the uint16 token shards
+TOKEN_ERROR = 0.1       # Viterbi error model: probability that a hard token is wrong
+PRIOR_WEIGHT = 1.0      # weight of log P(a[i] | a[i-1]) in the Viterbi
+PRIOR_SMOOTHING = 0.5   # pseudo-count added to every transition count
 
 
-# ----------------------------------------------------------------------------- geometry helpers
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = np.sqrt((v * v).sum(-1, keepdims=True))
-    return v / np.maximum(n, _EPS)
-
-
-def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """np.cross for [..., 3] arrays, without its per-call overhead (this runs once per residue step)."""
-    out = np.empty(np.broadcast_shapes(a.shape, b.shape))
-    out[..., 0] = a[..., 1] * b[..., 2] - a[..., 2] * b[..., 1]
-    out[..., 1] = a[..., 2] * b[..., 0] - a[..., 0] * b[..., 2]
-    out[..., 2] = a[..., 0] * b[..., 1] - a[..., 1] * b[..., 0]
-    return out
-
-
-def _frames(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Local frames [..., 3 axes, 3] from three consecutive positions (rows e1, e2, e3).
-
-    Collinear input (no plane) falls back to a fixed perpendicular, the same in encoder and decoder.
-    """
-    e1 = _unit(c - b)
-    n = _cross(b - a, e1)
-    nn = np.sqrt((n * n).sum(-1, keepdims=True))
-    bad = nn[..., 0] < 1e-6
-    if np.any(bad):
-        alt = _cross(e1, np.array([0.0, 0.0, 1.0]))
-        alt2 = _cross(e1, np.array([0.0, 1.0, 0.0]))
-        small = np.sqrt((alt * alt).sum(-1)) < 1e-3
-        alt[small] = alt2[small]
-        n = np.where(bad[..., None], alt, n)
-    e3 = _unit(n)
-    e2 = _cross(e3, e1)
-    return np.stack([e1, e2, e3], axis=-2)
-
-
-def _to_local(frames: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (frames * v[..., None, :]).sum(-1)
-
-
-def _from_local(frames: np.ndarray, c: np.ndarray) -> np.ndarray:
-    return (frames * c[..., :, None]).sum(-2)
-
-
-def segment_starts(ca: np.ndarray, gap_before: np.ndarray | None = None, max_bond: float = MAX_BOND) -> np.ndarray:
-    """bool [L]: True where a segment starts: residue 0, wherever `gap_before` says so, and wherever
-    consecutive C-alphas are more than `max_bond` apart (`tokenfold.structure.chain_breaks`)."""
-    starts = chain_breaks(np.asarray(ca, dtype=np.float64), max_bond)
-    if len(starts):
-        starts[0] = True
-        if gap_before is not None:
-            starts |= np.asarray(gap_before, dtype=bool)
-    return starts
-
-
-def segment_positions(starts: np.ndarray) -> np.ndarray:
-    """int [L]: position of each residue within its segment (0 at every start)."""
-    L = len(starts)
-    idx = np.arange(L)
-    last_start = np.maximum.accumulate(np.where(starts, idx, 0)) if L else idx
-    return idx - last_start
-
-
-def _canonical(ca: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """True coordinates moved, segment by segment, into the canonical pose relative to the anchor.
-
-    Residue s (segment start) -> origin, s+1 -> +x axis, s+2 -> xy plane with y > 0.
-    """
-    y = np.empty_like(ca)
-    bounds = np.concatenate([np.flatnonzero(starts), [len(ca)]])
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        seg = ca[s:e]
-        x0 = seg[0]
-        if e - s >= 2:
-            e1 = _unit(seg[1] - x0)
-            ref = seg[2] - seg[1] if e - s >= 3 else np.zeros(3)
-            perp = ref - (ref @ e1) * e1
-            if np.linalg.norm(perp) < 1e-6:  # no plane: any perpendicular
-                perp = np.cross(e1, [0.0, 0.0, 1.0])
-                if np.linalg.norm(perp) < 1e-3:
-                    perp = np.cross(e1, [0.0, 1.0, 0.0])
-            e2 = _unit(perp)
-            R = np.stack([e1, e2, np.cross(e1, e2)])
-        else:
-            R = np.eye(3)
-        y[s:e] = (seg - x0) @ R.T
-    return y
-
-
-# ----------------------------------------------------------------------------- the codebook
 class GeoCodebook:
-    """K local-frame placement vectors plus START/BREAK codes. See the module docstring."""
+    """Pair tokens over K placement codes, with the Viterbi decoder. See the module docstring."""
 
-    def __init__(self, centroids: np.ndarray, meta: dict | None = None):
-        C = np.asarray(centroids, dtype=np.float64)
-        if C.ndim != 2 or C.shape[1] != 3 or len(C) < 2:
-            raise ValueError(f"geo codebook centroids must be [K,3] with K >= 2, got {C.shape}")
-        self.centroids = C
+    def __init__(self, centroids: np.ndarray, transitions: np.ndarray | None = None,
+                 first: np.ndarray | None = None, meta: dict | None = None):
+        self.local = PlacementCodebook(centroids)
+        K = self.local.K
+        if K > MAX_K:
+            raise ValueError(f"geo K={K}: at most {MAX_K} placement codes ({K * K + 2} tokens would not fit uint16)")
+        self.transitions = np.zeros((K, K), np.int64) if transitions is None else np.asarray(transitions, np.int64)
+        self.first = np.zeros(K, np.int64) if first is None else np.asarray(first, np.int64)
+        if self.transitions.shape != (K, K) or self.first.shape != (K,):
+            raise ValueError(f"transition counts must be [{K},{K}] and [{K}]")
+        t = self.transitions + PRIOR_SMOOTHING
+        f = self.first + PRIOR_SMOOTHING
+        self._log_t = np.log(t / t.sum(1, keepdims=True))
+        self._log_f = np.log(f / f.sum())
         self.meta = dict(meta or {})
-        self.meta.update(format=FORMAT, version=VERSION, K=len(C), n_tokens=len(C) + 2,
-                         start_code=len(C), break_code=len(C) + 1, features=FEATURES,
-                         max_bond=MAX_BOND, gap_offset=GAP_OFFSET)
-        self._norm = np.sqrt((C * C).sum(1))
-        self._rho = np.hypot(C[:, 1], C[:, 2])
-        self._c2 = (C * C).sum(1)
+        self.meta.setdefault("encode_beam", DEFAULT_BEAM)
+        self.meta.update(format=FORMAT, version=VERSION, K=K, n_tokens=K * K + 2, start_code=K * K,
+                         break_code=K * K + 1, features=FEATURES, max_bond=MAX_BOND, gap_offset=GAP_OFFSET)
         self.path: Path | None = None
         self.fit_index: np.ndarray | None = None   # global DB indices of the chains it was fit on
 
-    # ---- sizes and special codes
+    # ---- sizes and special tokens
+    @property
+    def centroids(self) -> np.ndarray:
+        return self.local.centroids
+
     @property
     def K(self) -> int:
-        return len(self.centroids)
+        """Placement codes (each token is a pair of them)."""
+        return self.local.K
 
     @property
     def n_tokens(self) -> int:
-        """Structure tokens in the vocabulary: K geometric codes + START + BREAK."""
-        return self.K + 2
+        """Structure tokens in the vocabulary: K*K code pairs + START + BREAK."""
+        return self.K * self.K + 2
 
     @property
     def START(self) -> int:
-        return self.K
+        return self.K * self.K
 
     @property
     def BREAK(self) -> int:
-        return self.K + 1
+        return self.K * self.K + 1
 
     def internal_coordinates(self) -> dict:
-        """Per code: virtual bond length (A), bond angle and dihedral (degrees)."""
-        C = self.centroids
-        angle = np.degrees(np.arccos(np.clip(-C[:, 0] / np.maximum(self._norm, _EPS), -1, 1)))
-        # dihedral x[i-3],x[i-2],x[i-1],x[i] (IUPAC sign; ~ +50 in an alpha helix, ~ -170 in a strand)
-        dihedral = np.degrees(np.arctan2(C[:, 2], C[:, 1]))
-        return {"bond": self._norm.copy(), "angle": angle, "dihedral": dihedral}
+        """Per placement code: virtual bond length (A), bond angle and dihedral (degrees)."""
+        return self.local.internal_coordinates()
+
+    def segments(self, tokens) -> np.ndarray:
+        """bool [L]: True where a decoded segment starts (START/BREAK, and position 0)."""
+        t = np.asarray(tokens, dtype=np.int64)
+        st = t >= self.K * self.K
+        if len(t):
+            st[0] = True
+        return st
+
+    # ---- codes <-> tokens
+    def tokens_from_codes(self, codes) -> np.ndarray:
+        """Pair tokens of a placement-code sequence (codes >= K mark segment starts)."""
+        a = np.asarray(codes, dtype=np.int64)
+        K = self.K
+        st = self.local.segments(a)
+        prev = np.concatenate([[0], a[:-1]]) if len(a) else a
+        prev = np.where(st | np.concatenate([[True], st[:-1]])[:len(a)], a, prev)   # 2nd residue: copy itself
+        t = prev * K + a
+        return np.where(st, np.where(np.arange(len(a)) == 0, self.START, self.BREAK), t).astype(np.int64)
+
+    def placement_codes(self, tokens) -> np.ndarray:
+        """MAP placement codes behind (possibly wrong) tokens; K / K+1 at segment starts."""
+        return self.placement_codes_many([tokens])[0]
+
+    def placement_codes_many(self, token_lists: Sequence, batch: int = 128) -> list[np.ndarray]:
+        """`placement_codes` for many token sequences (Viterbi vectorised over sequences)."""
+        toks = [self._check(t) for t in token_lists]
+        K = self.K
+        l_both = np.log(1 - TOKEN_ERROR)
+        l_one = np.log(TOKEN_ERROR * 0.5 / max(2 * (K - 1), 1))
+        l_rand = np.log(TOKEN_ERROR * 0.5 / max((K - 1) ** 2, 1))
+        l_first = np.log(TOKEN_ERROR / max(K - 1, 1))
+        ar = np.arange(K)
+        out: list[np.ndarray | None] = [None] * len(toks)
+        order = sorted(range(len(toks)), key=lambda j: -len(toks[j]))
+        for b0 in range(0, len(order), batch):
+            idx = order[b0:b0 + batch]
+            T = np.zeros((len(idx), max(len(toks[j]) for j in idx)), np.int64)
+            for r, j in enumerate(idx):
+                T[r, :len(toks[j])] = toks[j]
+            cp, ow = T // K, T % K
+
+            def first(rows, i):
+                return np.where(ar[None] == ow[rows, i][:, None], l_both, l_first)
+
+            def pair(tot, rows, i):   # log-potential l_rand / l_one / l_both (none / one / both halves match)
+                c, o, r = cp[rows, i], ow[rows, i], np.arange(len(rows))
+                tot += l_rand
+                tot[r, :, c] += l_one - l_rand
+                tot[r, o, :] += l_one - l_rand
+                tot[r, o, c] += l_both - 2 * l_one + l_rand
+
+            for j, c in zip(idx, self._viterbi([self.segments(toks[j]) for j in idx], first, pair)):
+                out[j] = c
+        return out  # type: ignore[return-value]
+
+    def _viterbi(self, starts: list[np.ndarray], first, pair) -> list[np.ndarray]:
+        """Exact MAP code sequences, per segment, of a batch of sequences (segment starts `starts`):
+        `first(rows, i)` [R,K] scores the 2nd residue of a segment, `pair(tot, rows, i)` adds the score
+        of each pair to `tot` [R, K (a[i]), K (a[i-1])] in place; the transition prior is added to both."""
+        K, B = self.K, len(starts)
+        n = np.array([len(s) for s in starts], np.int64)
+        Lmax = int(n.max()) if B else 0
+        P = np.full((B, Lmax + 1), -1, np.int64)         # segment position; -1 past the end
+        for b, s in enumerate(starts):
+            P[b, :n[b]] = segment_positions(s)
+        prior = np.ascontiguousarray(PRIOR_WEIGHT * self._log_t.T)     # [a[i], a[i-1]]
+        score = np.zeros((B, K))
+        back = np.zeros((B, Lmax, K), np.int16 if K < 2**15 else np.int64)
+        end = np.zeros((B, Lmax), np.int64)                 # best code where a segment ends
+        for i in range(Lmax):
+            r1 = np.flatnonzero(P[:, i] == 1)
+            if len(r1):
+                score[r1] = first(r1, i) + PRIOR_WEIGHT * self._log_f
+            r2 = np.flatnonzero(P[:, i] >= 2)
+            if len(r2):
+                tot = score[r2][:, None, :] + prior
+                pair(tot, r2, i)
+                arg = tot.argmax(2)
+                back[r2, i] = arg
+                score[r2] = np.take_along_axis(tot, arg[:, :, None], 2)[:, :, 0]
+            ends = np.flatnonzero((P[:, i] >= 1) & (P[:, i + 1] <= 0))
+            end[ends, i] = score[ends].argmax(1)
+        codes = np.where(np.arange(Lmax)[None] == 0, K, K + 1).astype(np.int64) + np.zeros((B, 1), np.int64)
+        cur = np.zeros(B, np.int64)
+        rows = np.arange(B)
+        for i in range(Lmax - 1, -1, -1):
+            e = (P[:, i] >= 1) & (P[:, i + 1] <= 0)
+            cur[e] = end[e, i]
+            m = P[:, i] >= 1
+            codes[m, i] = cur[m]
+            m2 = P[:, i] >= 2
+            cur[m2] = back[rows[m2], i, cur[m2]]
+        return [codes[b, :n[b]] for b in range(B)]
+
+    def _check(self, tokens) -> np.ndarray:
+        t = np.asarray(tokens, dtype=np.int64)
+        if t.ndim != 1 or (t.size and (t.min() < 0 or t.max() >= self.n_tokens)):
+            raise ValueError(f"geo tokens must be a 1-D sequence in 0..{self.n_tokens - 1}")
+        return t
+
+    # ---- encode / decode
+    def encode(self, ca: np.ndarray, gap_before: np.ndarray | None = None, beam: int | None = None) -> np.ndarray:
+        """Tokens int64 [L] of one chain. `gap_before` (bool [L]) marks residues that follow a gap."""
+        return self.encode_many([ca], [gap_before], beam=beam)[0]
+
+    def encode_many(self, cas: Sequence[np.ndarray], gaps: Sequence | None = None, beam: int | None = None,
+                    batch: int = 256) -> list[np.ndarray]:
+        """`encode` for many chains (closed-loop beam search, vectorised over chains of similar length)."""
+        beam = int(self.meta["encode_beam"] if beam is None else beam)
+        return [self.tokens_from_codes(c) for c in self.local.encode_many(cas, gaps, beam=beam, batch=batch)]
+
+    def decode(self, tokens) -> np.ndarray:
+        """C-alpha trace float32 [L,3] of a token sequence. Any sequence of valid tokens decodes."""
+        return self.decode_many([tokens])[0]
+
+    def decode_many(self, token_lists: Sequence, batch: int = 256) -> list[np.ndarray]:
+        """`decode` for many token sequences (MAP codes, then placed residue by residue)."""
+        return self.local.decode_many(self.placement_codes_many(token_lists), batch=batch)
+
+    def decode_probs(self, prob_lists: Sequence, batch: int = 256) -> list[np.ndarray]:
+        """C-alpha traces from per-position token probabilities ([L, n_tokens] each, rows need not be
+        normalised). A position starts a segment where START+BREAK hold at least half of its mass."""
+        return self.local.decode_many([self._codes_from_probs(p) for p in prob_lists], batch=batch)
+
+    def _codes_from_probs(self, probs) -> np.ndarray:
+        P = np.asarray(probs, dtype=np.float64)
+        K, G = self.K, self.K * self.K
+        if (P.ndim != 2 or P.shape[1] != self.n_tokens or not np.isfinite(P).all() or (P < 0).any()
+                or (P.sum(1) <= 0).any()):
+            raise ValueError(f"token probabilities must be [L, {self.n_tokens}], finite, >= 0, each row with mass > 0")
+        geo = P[:, :G].sum(1)
+        starts = P[:, G:].sum(1) >= geo
+        if len(P):
+            starts[0] = True
+        lp = np.log(P[:, :G] / np.maximum(geo, 1e-300)[:, None] + 1e-9).reshape(-1, K, K)
+        lf = np.log(np.exp(lp).sum(1))
+
+        def pair(tot, rows, i):
+            tot += lp[i].T
+
+        return self._viterbi([starts], lambda rows, i: lf[i][None], pair)[0]
 
     # ---- persistence (npz, no pickle, deterministic bytes)
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        arrays = {"centroids": self.centroids, "meta_json": np.array(json.dumps(self.meta, sort_keys=True))}
+        arrays = {"centroids": self.centroids, "transitions": self.transitions, "first": self.first,
+                  "meta_json": np.array(json.dumps(self.meta, sort_keys=True))}
         if self.fit_index is not None:
             arrays["fit_db_index"] = np.asarray(self.fit_index, dtype=np.int64)
         with atomic_path(path, suffix=".npz") as tmp:
@@ -224,8 +306,7 @@ class GeoCodebook:
                 for name, arr in arrays.items():
                     buf = io.BytesIO()
                     np.lib.format.write_array(buf, np.asanyarray(arr), allow_pickle=False)
-                    info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                    zf.writestr(info, buf.getvalue())
+                    zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
         self.path = path
         return path
 
@@ -238,15 +319,14 @@ class GeoCodebook:
                 raise ValueError(f"{path}: sha256 {got[:12]}... does not match the expected {sha256[:12]}...")
         with np.load(path, allow_pickle=False) as z:
             meta = json.loads(str(z["meta_json"]))
-            C = z["centroids"]
-            fit_index = z["fit_db_index"] if "fit_db_index" in z.files else None
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a {FORMAT} file")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"{path}: geo codebook version {meta.get('version')}, this code reads {VERSION}")
-        cb = cls(C, meta)
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a {FORMAT} file")
+            if meta.get("version") != VERSION:
+                raise ValueError(f"{path}: geo codebook version {meta.get('version')}, this code reads {VERSION}: "
+                                 "refit it and re-tokenize (04_tokenize.py --tokens geo --refit-geo)")
+            cb = cls(z["centroids"], z["transitions"], z["first"], meta)
+            cb.fit_index = z["fit_db_index"] if "fit_db_index" in z.files else None
         cb.path = path
-        cb.fit_index = fit_index
         return cb
 
     @classmethod
@@ -265,306 +345,39 @@ class GeoCodebook:
         for p in candidates:
             if p.exists():
                 return cls.load(p, sha256=ref.get("sha256"))
-        raise FileNotFoundError(f"geo codebook not found at {', '.join(map(str, candidates))}")
-
-    # ---- encoding / decoding
-    def encode(self, ca: np.ndarray, gap_before: np.ndarray | None = None, beam: int = 1) -> np.ndarray:
-        """Codes [L] (int64) of one C-alpha trace (Angstrom). See the module docstring."""
-        return self.encode_many([ca], [gap_before], beam=beam)[0]
-
-    def encode_many(self, cas: Sequence[np.ndarray], gaps: Sequence[np.ndarray | None] | None = None,
-                    beam: int = 1, batch: int = 256) -> list[np.ndarray]:
-        """`encode` for many chains at once (vectorised over chains of similar length)."""
-        gaps = [None] * len(cas) if gaps is None else gaps
-        preps = [self._prepare(ca, g) for ca, g in zip(cas, gaps)]
-        out: list[np.ndarray | None] = [None] * len(preps)
-        order = sorted(range(len(preps)), key=lambda j: -len(preps[j][0]))
-        for b0 in range(0, len(order), batch):
-            idx = order[b0:b0 + batch]
-            for j, codes in zip(idx, self._encode_batch([preps[j] for j in idx], beam)):
-                out[j] = codes
-        return out  # type: ignore[return-value]
-
-    def decode(self, codes) -> np.ndarray:
-        """C-alpha trace float32 [L,3] of a code sequence. Any sequence of valid codes decodes: a
-        START/BREAK begins a new segment (so does a geometric code in position 0)."""
-        return self.decode_many([codes])[0]
-
-    def decode_many(self, code_lists: Sequence, batch: int = 256) -> list[np.ndarray]:
-        """`decode` for many code sequences (vectorised over sequences of similar length)."""
-        codes = [np.asarray(c, dtype=np.int64) for c in code_lists]
-        for c in codes:
-            if c.ndim != 1 or (c.size and (c.min() < 0 or c.max() >= self.n_tokens)):
-                raise ValueError(f"geo codes must be a 1-D sequence in 0..{self.n_tokens - 1}")
-        out: list[np.ndarray | None] = [None] * len(codes)
-        order = sorted(range(len(codes)), key=lambda j: -len(codes[j]))
-        for b0 in range(0, len(order), batch):
-            idx = order[b0:b0 + batch]
-            for j, x in zip(idx, self._decode_batch([codes[j] for j in idx])):
-                out[j] = x
-        return out  # type: ignore[return-value]
-
-    def _decode_batch(self, codes: list[np.ndarray]) -> list[np.ndarray]:
-        n = np.array([len(c) for c in codes], dtype=np.int64)
-        B, Lmax = len(codes), int(n.max()) if len(codes) else 0
-        cm = np.zeros((B, Lmax), dtype=np.int64)
-        seg = np.full((B, Lmax), -1, dtype=np.int64)
-        for b, c in enumerate(codes):
-            cm[b, :len(c)] = c
-            seg[b, :len(c)] = segment_positions(self.segments(c))
-        xs = np.zeros((B, Lmax, 3))
-        hist = np.zeros((B, 3, 3))
-        for i in range(Lmax):
-            act = np.flatnonzero(i < n)
-            x = self._place(hist[act], seg[act, i], np.minimum(cm[act, i], self.K - 1), i)
-            xs[act, i] = x
-            hist[act] = np.concatenate([hist[act, 1:], x[:, None]], axis=1)
-        return [xs[b, :n[b]].astype(np.float32) for b in range(B)]
-
-    def segments(self, codes) -> np.ndarray:
-        """bool [L]: True where a decoded segment starts (what `decode` does with these codes)."""
-        c = np.asarray(codes, dtype=np.int64)
-        st = c >= self.K
-        if len(c):
-            st[0] = True
-        return st
-
-    # ---- internals
-    def _prepare(self, ca, gap_before):
-        ca = np.asarray(ca, dtype=np.float64)
-        if ca.ndim != 2 or ca.shape[1] != 3:
-            raise ValueError(f"C-alpha coordinates must be [L,3], got {ca.shape}")
-        if not np.isfinite(ca).all():
-            raise ValueError("C-alpha coordinates contain NaN/inf")
-        if gap_before is not None and len(gap_before) != len(ca):
-            raise ValueError(f"gap_before has {len(gap_before)} entries for {len(ca)} residues")
-        starts = segment_starts(ca, gap_before)
-        return _canonical(ca, starts), segment_positions(starts)
-
-    def _place(self, hist: np.ndarray, p: np.ndarray, k: np.ndarray, i: int) -> np.ndarray:
-        """Decoded position of the current residue for rows with history `hist` (last three
-        decoded positions), segment position `p` and geometric code `k` (ignored where p == 0)."""
-        x = np.empty((len(p), 3))
-        m = p == 0
-        if m.any():
-            x[m] = hist[m, 2] + [GAP_OFFSET, 0.0, 0.0] if i > 0 else 0.0
-        m = p == 1
-        if m.any():
-            x[m] = hist[m, 2]
-            x[m, 0] += self._norm[k[m]]
-        m = p == 2
-        if m.any():
-            x[m] = hist[m, 2]
-            x[m, 0] += self.centroids[k[m], 0]
-            x[m, 1] += self._rho[k[m]]
-        m = p >= 3
-        if m.any():
-            F = _frames(hist[m, 0], hist[m, 1], hist[m, 2])
-            x[m] = hist[m, 2] + _from_local(F, self.centroids[k[m]])
-        return x
-
-    def _costs(self, hist: np.ndarray, p: int, target: np.ndarray) -> np.ndarray:
-        """Squared placement error [R, K] of every code for rows at segment position p (>= 1)."""
-        v = target - hist[:, 2]
-        if p == 1:
-            d = np.sqrt((v * v).sum(-1))
-            return (self._norm[None, :] - d[:, None]) ** 2
-        if p == 2:
-            tx, ty = v[:, 0], np.hypot(v[:, 1], v[:, 2])
-            return (self.centroids[None, :, 0] - tx[:, None]) ** 2 + (self._rho[None, :] - ty[:, None]) ** 2
-        t = _to_local(_frames(hist[:, 0], hist[:, 1], hist[:, 2]), v)
-        return np.maximum(self._c2[None, :] - 2.0 * t @ self.centroids.T + (t * t).sum(-1)[:, None], 0.0)
-
-    def _encode_batch(self, preps, beam: int) -> list[np.ndarray]:
-        """Closed-loop (beam) search over a batch of prepared chains; returns their codes."""
-        W = max(1, int(beam))
-        B = len(preps)
-        n = np.array([len(y) for y, _ in preps], dtype=np.int64)
-        Lmax = int(n.max())
-        Y = np.zeros((B, Lmax, 3))
-        P = np.full((B, Lmax), -1, dtype=np.int64)
-        for b, (y, sp) in enumerate(preps):
-            Y[b, :len(y)] = y
-            P[b, :len(y)] = sp
-        R = B * W                                   # rows: chain b, beam w -> row b*W + w
-        hist = np.zeros((R, 3, 3))
-        anchor = np.zeros((R, 3))
-        cost = np.zeros(R)
-        cost.reshape(B, W)[:, 1:] = np.inf          # all beams start as copies of beam 0
-        codes_t = np.zeros((Lmax, R), dtype=np.int64)
-        parent_t = np.zeros((Lmax, R), dtype=np.int64)
-        rows_of = np.arange(R).reshape(B, W)
-        for i in range(Lmax):
-            chains = np.flatnonzero(i < n)
-            if W == 1:
-                # the common case, vectorised without bookkeeping: chains inside a segment (p >= 3)
-                inner = P[chains, i] >= 3
-                full = chains[inner]
-                if len(full):
-                    h = hist[full]
-                    F = _frames(h[:, 0], h[:, 1], h[:, 2])
-                    t = _to_local(F, Y[full, i] + anchor[full] - h[:, 2])
-                    k = np.argmin(self._c2[None, :] - 2.0 * t @ self.centroids.T, axis=1)
-                    hist[full, 0], hist[full, 1] = h[:, 1], h[:, 2]
-                    hist[full, 2] = h[:, 2] + _from_local(F, self.centroids[k])
-                    codes_t[i, full] = k
-                parent_t[i] = np.arange(R)
-                chains = chains[~inner]
-                if not len(chains):
-                    continue
-            parent = np.arange(R)
-            code = np.zeros(R, dtype=np.int64)
-            for pv in np.unique(np.minimum(P[chains, i], 3)):
-                cb = chains[np.minimum(P[chains, i], 3) == pv]
-                rows = rows_of[cb].ravel()
-                if pv == 0:   # a segment starts: fixed placement, no choice
-                    anchor[rows] = (hist[rows, 2] + [GAP_OFFSET, 0.0, 0.0]) if i > 0 else 0.0
-                    code[rows] = self.START if i == 0 else self.BREAK
-                    continue
-                target = Y[np.repeat(cb, W), i] + anchor[rows]
-                c = self._costs(hist[rows], int(pv), target) + cost[rows][:, None]   # [len(cb)*W, K]
-                if W == 1:
-                    k = np.argmin(c, axis=1)
-                    code[rows] = k
-                    continue
-                c = c.reshape(len(cb), W * self.K)
-                m = min(W, c.shape[1])
-                top = np.argpartition(c, m - 1, axis=1)[:, :m]
-                topc = np.take_along_axis(c, top, 1)
-                o = np.argsort(topc, axis=1, kind="stable")
-                top = np.take_along_axis(top, o, 1)
-                cost[rows] = np.take_along_axis(topc, o, 1).ravel()
-                parent[rows] = (cb[:, None] * W + top // self.K).ravel()
-                code[rows] = (top % self.K).ravel()
-            # move beam state along the chosen parents, then place the chosen codes
-            if W > 1:
-                hist, anchor = hist[parent], anchor[parent]
-            live = rows_of[chains].ravel()
-            pos = np.minimum(P[live // W, i], 3)
-            x = self._place(hist[live], pos, np.minimum(code[live], self.K - 1), i)
-            hist[live] = np.concatenate([hist[live, 1:], x[:, None]], axis=1)
-            codes_t[i, live], parent_t[i] = code[live], parent
-        # backtrack the best beam of each chain
-        out = []
-        for b in range(B):
-            L = int(n[b])
-            r = int(rows_of[b, int(np.argmin(cost.reshape(B, W)[b]))])
-            c = np.empty(L, dtype=np.int64)
-            for i in range(L - 1, -1, -1):
-                c[i] = codes_t[i, r]
-                r = int(parent_t[i, r])
-            out.append(c)
-        return out
+        raise FileNotFoundError(f"geo codebook not found at {' or '.join(map(str, candidates))}")
 
     # ---- fitting
     @classmethod
-    def fit(cls, chains: Iterable[tuple[np.ndarray, np.ndarray | None]], K: int = 512, seed: int = 0,
-            max_residues: int = 1_000_000, refine_iters: int = 3, beam: int = 1, meta: dict | None = None
-            ) -> "GeoCodebook":
-        """Learn the codebook from (ca, gap_before) pairs of TRAIN chains.
-
-        1. k-means (k-means++ init, `seed`) on the local-frame vectors of the true chains
-           (at most `max_residues`, a seeded sample when there are more);
-        2. `refine_iters` closed-loop Lloyd steps: encode the chains with the current codebook and
-           move each code to the mean of the targets it was chosen for, which are the vectors the
-           closed loop actually quantises (true residue in the decoded frame).
-        """
-        from sklearn.cluster import KMeans
-
+    def fit(cls, chains: Iterable[tuple[np.ndarray, np.ndarray | None]], K: int = DEFAULT_K, seed: int = 0,
+            max_residues: int = 1_000_000, refine_iters: int = 3, beam: int = DEFAULT_BEAM,
+            meta: dict | None = None) -> "GeoCodebook":
+        """Learn the placement codes (`PlacementCodebook.fit`: k-means, then `refine_iters` closed-loop
+        steps with a `beam`-wide encoder) and the transition prior from (ca, gap_before) pairs of
+        TRAIN chains. Deterministic for a seed."""
+        if K > MAX_K:
+            raise ValueError(f"geo K={K}: at most {MAX_K} placement codes")
         chains = [(np.asarray(ca, np.float64), g) for ca, g in chains]
         chains = [(ca, g) for ca, g in chains if len(ca) and np.isfinite(ca).all()]
-        rng = np.random.default_rng(seed)
-        local = [_true_local(ca, g) for ca, g in chains]
-        X = np.concatenate(local) if local else np.zeros((0, 3))
-        if len(X) < K:
-            raise ValueError(f"{len(X)} residue placements to fit K={K} geo codes; need at least K")
-        if len(X) > max_residues:
-            X = X[rng.choice(len(X), max_residues, replace=False)]
-        km = KMeans(n_clusters=K, n_init=1, random_state=seed, max_iter=100).fit(X)
-        cb = cls(km.cluster_centers_)
-        targets, codes, err = _closed_loop(cb, chains, beam)
-        hist = [err]
-        log.info("geo codebook K=%d: k-means on %d placements, closed-loop RMS step error %.3f A", K, len(X), err)
-        for it in range(refine_iters):
-            if len(targets) > max_residues:
-                sel = rng.choice(len(targets), max_residues, replace=False)
-                targets, codes = targets[sel], codes[sel]
-            sums = np.zeros((K, 3))
-            np.add.at(sums, codes, targets)
-            cnt = np.bincount(codes, minlength=K)
-            C = cb.centroids.copy()
-            used = cnt > 0
-            C[used] = sums[used] / cnt[used, None]
-            cb = cls(C)
-            targets, codes, err = _closed_loop(cb, chains, beam)
-            hist.append(err)
-            log.info("geo codebook refine %d/%d: closed-loop RMS step error %.3f A (%d codes were unused)",
-                     it + 1, refine_iters, err, int((~used).sum()))
+        local, codes, hist = PlacementCodebook.fit(chains, K, seed=seed, max_residues=max_residues,
+                                                   refine_iters=refine_iters, beam=beam)
+        trans, first = np.zeros((K, K), np.int64), np.zeros(K, np.int64)
+        for c in codes:
+            geo = c < K
+            pair = geo[1:] & geo[:-1]
+            np.add.at(trans, (c[:-1][pair], c[1:][pair]), 1)
+            np.add.at(first, c[1:][geo[1:] & ~geo[:-1]], 1)
+        cb = cls(local.centroids, trans, first)
         cb.meta.update(meta or {})
         cb.meta.update(seed=seed, fit_chains=len(chains), fit_residues=int(sum(len(c) for c, _ in chains)),
-                       fit_placements=int(len(X)), refine_iters=refine_iters, fit_beam=beam,
+                       refine_iters=refine_iters, fit_beam=beam, encode_beam=beam,
                        fit_rms_step_error=[round(float(h), 4) for h in hist])
         return cb
 
 
-# ----------------------------------------------------------------------------- fit / eval helpers
-def _true_local(ca: np.ndarray, gap_before) -> np.ndarray:
-    """Local-frame vectors of every residue at segment position >= 3, from the true chain."""
-    starts = segment_starts(ca, gap_before)
-    p = segment_positions(starts)
-    i = np.flatnonzero(p >= 3)
-    if not len(i):
-        return np.zeros((0, 3))
-    F = _frames(ca[i - 3], ca[i - 2], ca[i - 1])
-    return _to_local(F, ca[i] - ca[i - 1])
-
-
-def open_loop_codes(cb: GeoCodebook, ca: np.ndarray, gap_before: np.ndarray | None = None) -> np.ndarray:
-    """Reference for measurements only: quantise the TRUE local geometry of each residue on its own.
-
-    This is what an encoder without the closed loop does; its errors add up along the chain like a
-    random walk (compare `reconstruction_rmsd` of both in `bench/bench_tokenize.py`).
-    """
-    y, p = cb._prepare(ca, gap_before)
-    codes = np.where(np.arange(len(y)) == 0, cb.START, cb.BREAK).astype(np.int64)
-    hist = np.zeros((len(y), 3, 3))
-    for lag in (1, 2, 3):
-        hist[lag:, 3 - lag] = y[:-lag] if lag < len(y) else hist[lag:, 3 - lag]
-    for pv in (1, 2, 3):
-        i = np.flatnonzero(np.minimum(p, 3) == pv)
-        if len(i):
-            codes[i] = np.argmin(cb._costs(hist[i], pv, y[i]), axis=1)
-    return codes
-
-
-def _closed_loop(cb: GeoCodebook, chains, beam: int = 1) -> tuple[np.ndarray, np.ndarray, float]:
-    """Closed-loop encode `chains` and return what the codebook quantised there:
-    (targets [N,3], codes [N]) of every residue at segment position >= 3 (the true residue in the
-    frame of the decoded chain) and the RMS distance of all decoded residues from their true
-    positions (canonical pose, no superposition)."""
-    codes = cb.encode_many([c for c, _ in chains], [g for _, g in chains], beam=beam)
-    dec = cb.decode_many(codes)
-    T, Kc, se, n = [], [], 0.0, 0
-    for (ca, g), c, xh in zip(chains, codes, dec):
-        y, p = cb._prepare(ca, g)
-        xh = xh.astype(np.float64)
-        starts = p == 0
-        truth = y + xh[np.flatnonzero(starts)][np.cumsum(starts) - 1]     # + the anchor of each segment
-        se += float(((truth - xh) ** 2).sum())
-        n += len(y)
-        i = np.flatnonzero(p >= 3)
-        if len(i):
-            T.append(_to_local(_frames(xh[i - 3], xh[i - 2], xh[i - 1]), truth[i] - xh[i - 1]))
-            Kc.append(c[i])
-    if not T:
-        return np.zeros((0, 3)), np.zeros(0, np.int64), 0.0
-    return np.concatenate(T), np.concatenate(Kc), float(np.sqrt(se / max(n, 1)))
-
-
 def reconstruction_rmsd(cb: GeoCodebook, cas: Sequence[np.ndarray], gaps: Sequence | None = None,
-                        beam: int = 1) -> np.ndarray:
+                        beam: int | None = None) -> np.ndarray:
     """Per-chain `segment_rmsd` of decode(encode(ca)) against ca."""
     gaps = [None] * len(cas) if gaps is None else list(gaps)
-    codes = cb.encode_many(cas, gaps, beam=beam)
-    dec = cb.decode_many(codes)
+    dec = cb.decode_many(cb.encode_many(cas, gaps, beam=beam))
     return np.array([segment_rmsd(x, ca, segment_starts(ca, g)) for x, ca, g in zip(dec, cas, gaps)])
