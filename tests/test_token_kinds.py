@@ -97,6 +97,7 @@ def test_esm_roundtrip_stored_and_on_the_fly(small_db, tmp_path):
     model, alphabet, _ = load_esm(ck, allow_random=True)
     (vs, ex_s), (vf, ex_f) = read_examples(stored), read_examples(fly)
     assert vs.meta["esm_codebook"]["random_weights"] and "RANDOM" in json.loads((stored / "report.json").read_text())["WARNING"]
+    assert vs.meta["random_weights"] and "RANDOM" in vs.meta["WARNING"]   # what stage 06 and the sweep read
     assert vs.meta["esm_codebook"]["vectors"] == str(emb) and "on the fly" in vf.meta["esm_codebook"]["vectors"]
     recs = [db[i] for i in (0, len(db) // 2, len(db) - 1)]      # exact check of on-the-fly codes on a few
     vectors = dict(zip([r.index for r in recs], embed(model, alphabet, [r.aa for r in recs], layer=2)))

@@ -180,8 +180,11 @@ class EsmKind(TokenKind):
                "layer": m.get("layer"), "normalize": m.get("normalize"), "K": self.cb.K,
                "random_weights": self.random_weights,
                "vectors": str(self.emb_dir) if self.store is not None else f"computed on the fly ({self.model_spec})"}
+        # top-level labels, as the kanzi kind's: stages 05/06 and the sweep read them from vocab.meta
+        extra = {"random_weights": True, "WARNING": f"esm tokens from a RANDOM-weights ESM-2 ({m.get('esm_model')}): "
+                 "test/demo only, no learned information"} if self.random_weights else {}
         return Vocab.for_kind("esm", n_struct=self.cb.K, interleaved=self.cfg.interleaved,
-                              direction=self.cfg.direction, esm_codebook=ref)
+                              direction=self.cfg.direction, esm_codebook=ref, **extra)
 
     def _embed(self, seqs: list[str]) -> list[np.ndarray]:
         from .esm_checkpoint import load_esm

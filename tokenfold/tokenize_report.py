@@ -54,15 +54,12 @@ def build_report(cfg: TokenizeConfig, vocab: Vocab, summaries, splits, stats, re
            "residues_per_example": {s: summarize(stats["n_res"][stats["split"] == SPLIT_CODES[s]]) for s in SPLITS},
            "tokens_per_example_max": int(stats["n_tokens"].max()) if len(stats["n_tokens"]) else 0,
            "config": {k: v for k, v in asdict(cfg).items() if k != "overwrite"}}
-    if cfg.kind == "esm":
-        rep["random_weights"] = bool(vocab.meta.get("esm_codebook", {}).get("random_weights"))
-        if rep["random_weights"]:
-            rep["WARNING"] = "RANDOM-weights ESM-2: these tokens carry no learned information (test/demo only)"
-    if cfg.kind == "kanzi":
-        rep["kanzi"] = vocab.meta.get("kanzi")
+    if cfg.kind in ("esm", "kanzi"):   # tokens from a model: its RANDOM-weights label, as vocab.meta holds it
         rep["random_weights"] = bool(vocab.meta.get("random_weights"))
         if rep["random_weights"]:
             rep["WARNING"] = vocab.meta["WARNING"]
+    if cfg.kind == "kanzi":
+        rep["kanzi"] = vocab.meta.get("kanzi")
     files = [_plot_frequency(out, vocab, cc), _plot_lengths(out, stats)]
     if cfg.kind == "geo":
         rm, L, sp = stats["rmsd"], stats["n_res"], stats["split"]
