@@ -103,7 +103,8 @@ def kind_stats(tokens: Path, split: str = "val", seed: int = 0) -> dict:
            "nmi_3di": _nmi(c3, s3), "nmi_aa_3di": _nmi(a3, s3), "nmi_code_aa": _nmi(c3, a3),
            "nmi_3di_shuffled": _nmi(np.random.default_rng(seed).permutation(c3), s3),
            "n_residues_with_3di": int(len(s3)),
-           "random_weights": bool(vocab.meta.get("esm_codebook", {}).get("random_weights", False))}
+           "random_weights": bool(vocab.meta.get("random_weights")   # esm/kanzi tokens from a RANDOM model
+                                 or vocab.meta.get("esm_codebook", {}).get("random_weights", False))}
     if decoder is not None:
         out["reconstruction"] = {"decodable": True, "rmsd_A": summarize(rmsd),
                                  "how": "closed-loop geo codebook" if vocab.kind == "geo" else
@@ -156,7 +157,7 @@ def markdown(table: dict) -> str:
     for name, k in table["kinds"].items():
         t = k["tokenizer"]
         u, rec = t["unique_per_protein"], t["reconstruction"]
-        lines += [f"## {name} ({t['kind']}, {t['n_struct']} codes{', RANDOM-weights ESM-2' if t['random_weights'] else ''})",
+        lines += [f"## {name} ({t['kind']}, {t['n_struct']} codes{', from a RANDOM-weights model' if t['random_weights'] else ''})",
                   "", "| measure | value |", "|---|---|",
                   f"| utilisation | {_f(t['utilisation'])} ({t['codes_used']} of {t['n_struct']}) |",
                   f"| perplexity | {_f(t['perplexity'], 1)} |",
