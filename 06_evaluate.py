@@ -29,7 +29,8 @@ from pathlib import Path
 from tokenfold import layout
 from tokenfold.cli import add_options, die, options_from_args, seed_everything, setup_logging
 from tokenfold.eval_report import finalize, summary_line
-from tokenfold.evaluate import EvalConfig, Evaluation
+from tokenfold.eval_config import EvalConfig
+from tokenfold.evaluate import Evaluation
 from tokenfold.inference import Decoding
 from tokenfold.kanzi import KanziUnavailable
 from tokenfold.sharding import add_shard_args, resolve_shard

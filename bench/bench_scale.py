@@ -153,7 +153,8 @@ def run_stage(work: Path, name: str, argv: list[str], stop_after=None) -> dict:
 def read_eval_main(a) -> None:
     """The DB-reading side of stage 06 (no model): every test protein's tokens, true C-alpha and
     checks, unit by unit, as `Evaluation.run_units` reads them."""
-    from tokenfold.evaluate import EvalConfig, Evaluation
+    from tokenfold.eval_config import EvalConfig
+    from tokenfold.evaluate import Evaluation
 
     t0 = time.time()
     ev = Evaluation(EvalConfig(checkpoint=a.checkpoint, out=a.out, tokens=a.tokens, db=a.db))

@@ -138,7 +138,8 @@ def test_bad_examples_are_skipped_and_recorded(geo_setup, small_db, tmp_path):
 def test_each_db_shard_is_read_once_per_task(geo_setup, small_db, tmp_path, monkeypatch):
     """Many work units per DB shard; the shard's arrays are loaded once for all of them, then released."""
     from tokenfold.db import DBShard
-    from tokenfold.evaluate import EvalConfig, Evaluation
+    from tokenfold.eval_config import EvalConfig
+    from tokenfold.evaluate import Evaluation
 
     root, tok, ckpt = geo_setup
     ev = Evaluation(EvalConfig(checkpoint=str(ckpt), out=str(tmp_path / "e"), tokens=str(tok), db=str(small_db),

@@ -79,7 +79,8 @@ def test_default_settings_hold_every_example_of_the_shared_set(shared_structures
 
     from stage06 import evaluate_cli
     from tokenfold.artifacts import read_json, write_json_atomic
-    from tokenfold.evaluate import EvalConfig, Evaluation, evaluate_chunk, protein_rows
+    from tokenfold.eval_config import EvalConfig
+    from tokenfold.evaluate import Evaluation, evaluate_chunk, protein_rows
     from tokenfold.inference import Decoding
     from tokenfold.shards import TokenDataset
     from tokenfold.tokenize import TokenizeConfig, run
