@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .recipe import Recipe, recipe_inputs
 from .vocab import Vocab
 
 
@@ -43,13 +44,25 @@ class LayoutConstraint:
 @torch.inference_mode()
 def reference_generate(model, vocab: Vocab, seq: str) -> np.ndarray:
     """Greedy constrained decoding of ONE protein with HF ``generate()`` (the slow, obvious way): the
-    token ids of the whole example, prompt to ``<eos>`` (``vocab.decode`` gives its codes)."""
-    from transformers import LogitsProcessorList
+    token ids of the whole example, prompt to ``<eos>`` (``vocab.decode`` gives its codes).
+
+    A checkpoint with a non-default `Recipe` (tokenfold/recipe.py): one plain forward fills a DynamicCache
+    with the prefix ``<bos> a_1..a_L <sep>`` under the recipe's mask and positions, then ``generate()``
+    continues from ``<kind>`` with the recipe's position ids (it adds 1 per new token) and plain causal
+    attention."""
+    from transformers import DynamicCache, LogitsProcessorList
 
     device = next(model.parameters()).device
     prompt = torch.as_tensor(vocab.prompt(seq))[None].to(device)
     n_new = (2 * len(seq) if vocab.interleaved else len(seq)) + 1
+    kw = {}
+    extra = recipe_inputs(prompt, torch.ones_like(prompt, dtype=torch.bool), vocab, Recipe.of(model.config))
+    if extra:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt[:, :-1], attention_mask=extra["attention_mask"][..., :-1, :-1],
+              position_ids=extra["position_ids"][:, :-1], past_key_values=cache, use_cache=True)
+        kw = dict(past_key_values=cache, position_ids=extra["position_ids"])
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                          do_sample=False, num_beams=1, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
-                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, seq, prompt.shape[1])]))
+                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, seq, prompt.shape[1])]), **kw)
     return out[0].cpu().numpy()
