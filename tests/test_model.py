@@ -36,8 +36,9 @@ def test_presets_have_the_published_shapes():
         assert rope["original_max_position_embeddings"] == 8192
     # ours: sized to the vocabulary
     assert 1e6 < count_params(_meta_model("tiny", v)) < 1e7
+    assert 7e5 < count_params(_meta_model("mini", v)) < 9e5
     assert 5e7 <= count_params(_meta_model("small", v)) <= 1e8
-    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b", "llama3.1-8b"}
+    assert set(PRESETS) == {"mini", "tiny", "small", "tinyllama-1.1b", "llama3.2-1b", "llama3.1-8b"}
 
 
 def test_overrides_and_flops():

@@ -16,8 +16,9 @@ from tokenfold.recipe import Recipe, recipe_inputs
 from tokenfold.teacher_forcing import teacher_forced
 from tokenfold.vocab import Vocab
 
-RECIPES = [Recipe(prefix_lm=True), Recipe(aligned_positions=True), Recipe(prefix_lm=True, aligned_positions=True)]
-IDS = ["prefix", "aligned", "prefix+aligned"]
+RECIPES = [Recipe(prefix_lm=True), Recipe(aligned_positions=True),
+           Recipe(prefix_lm=True, aligned_positions=True, aa_window=3)]
+IDS = ["prefix", "aligned", "prefix+aligned+window"]
 
 
 def _examples(vocab, n=3):
@@ -54,6 +55,12 @@ def test_mask_and_positions():
     for r, e in enumerate(exs):
         np.testing.assert_array_equal(plain[r, :len(e), :len(e)], causal[:len(e), :len(e)])
     assert collate(exs, v, "padded", Recipe()).attention_mask is None
+    w = collate(exs, v, "padded", Recipe(prefix_lm=True, aa_window=2)).attention_mask[:, 0].numpy()
+    for r, e in enumerate(exs):
+        L = (len(e) - 4) // 2
+        i, j = np.meshgrid(np.arange(L + 2), np.arange(L + 2), indexing="ij")
+        np.testing.assert_array_equal(w[r, :L + 2, :L + 2], np.abs(i - j) <= 2)   # the prefix: a band
+        np.testing.assert_array_equal(w[r, L + 2:], m[r, L + 2:])                 # <kind> on: unchanged
     with pytest.raises(ValueError, match="padded"):
         collate(exs, v, "packed", Recipe(prefix_lm=True))
     vi = Vocab.for_kind("3di", interleaved=True)
@@ -99,7 +106,7 @@ def test_checkpoint_stores_the_recipe(tmp_path):
     loaded, _ = ckpt.load_for_inference(d, device="cpu")
     assert loaded.config._attn_implementation == "sdpa" and Recipe.of(loaded.config) == recipe
     assert Recipe.of(build_config("tiny", v)) == Recipe()                        # old checkpoints: plain causal LM
-    cfg.tokenfold = {"prefix_lm": True, "window": 3}
+    cfg.tokenfold = {"prefix_lm": True, "window_size": 3}
     with pytest.raises(ValueError, match="unknown recipe fields"):
         Recipe.of(cfg)
 

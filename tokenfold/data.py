@@ -41,13 +41,11 @@ structure token *fed to the model* is replaced, with probability p, by a uniform
 token; the labels keep the true tokens. 3Di letters are strongly autocorrelated, so a small model
 trained with clean inputs learns mostly "repeat the previous letter", which scores well with
 teacher forcing and collapses in free-running generation (every residue 'D' on ../shared). Noise
-makes the previous tokens unreliable and pushes the model onto the amino acids. It is a trade, not a
-free win. Measured on ../shared (tiny preset, interleaved 3Di, 879 train chains, 6 epochs, 109 test
-chains; stage 06 greedy / teacher-forced accuracy): p=0 gives 0.147 / 0.345, p=0.5 gives 0.151 /
-0.290, p=0.9 gives 0.206 / 0.221 (baselines: most frequent letter 0.178, per amino acid 0.195,
-windowed logistic regression 0.246). The replacement is
-seeded by (seed, epoch, global micro-batch index), so it is the same for any number of ranks and
-after a resume. Validation batches are never corrupted.
+makes the previous tokens unreliable and pushes the model onto the amino acids; p=1 (the CPU recipe,
+README "What the models learn") leaves them no information at all, so free-running decoding cannot
+drift from teacher forcing. It trades teacher-forced for free-running accuracy (measured on
+../shared: README). The replacement is seeded by (seed, epoch, global micro-batch index), so it is
+the same for any number of ranks and after a resume. Validation batches are never corrupted.
 
 A checkpoint's `tokenfold.recipe.Recipe` (prefix-LM mask, aligned positions) adds its position ids
 and 4-D attention mask to every padded batch (`collate(recipe=)`), training and validation alike.
@@ -313,8 +311,8 @@ class TrainStream:
     def __init__(self, ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
                  seed: int, grad_accum: int = 1, world_size: int = 1, rank: int = 0, window: int = 4096,
                  input_noise: float = 0.0, workers: int = 0, pin_memory: bool = False, recipe: Recipe | None = None):
-        if not 0.0 <= input_noise < 1.0:
-            raise ValueError(f"structure-input noise must be in [0, 1), got {input_noise}")
+        if not 0.0 <= input_noise <= 1.0:
+            raise ValueError(f"structure-input noise must be in [0, 1], got {input_noise}")
         self.input_noise = float(input_noise)
         if len(ds) == 0:
             raise ValueError(f"no training examples in {ds.root}/{ds.split}")

@@ -4,6 +4,7 @@ vocabulary of stage 04 (`tokenfold.vocab`), trained from random initialisation.
 Presets (`PRESETS`) fix the architecture; any `LlamaConfig` field can be overridden
 (`--set hidden_size=512 --set num_hidden_layers=6` on the command line, values parsed as JSON)::
 
+    mini            ~0.8M params  4 layers, d=128, FFN 384, 4 heads (2 KV)   the CPU recipe (README)
     tiny            ~3.0M params  4 layers, d=256, 4 heads (2 KV)    a laptop CPU trains it in minutes
     small           ~75M          12 layers, d=768, 12 heads (4 KV)
     tinyllama-1.1b  TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json: 22 layers,
@@ -41,6 +42,9 @@ log = logging.getLogger("tokenfold.model")
 
 # RoPE written as (rope_theta, rope_scaling): the form both transformers 4.4x and 5.x accept.
 PRESETS: dict[str, dict] = {
+    "mini": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False),

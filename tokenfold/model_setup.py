@@ -46,7 +46,7 @@ def weights_dtype(cfg, train_dtype: torch.dtype) -> torch.dtype:
 def model_config(cfg, vocab: Vocab, max_len: int):
     """The transformers config of the model trained: the preset's, or the LLM's with room for our tokens;
     with the run's `Recipe` (tokenfold/recipe.py) stored in it."""
-    recipe = Recipe(prefix_lm=cfg.prefix_lm, aligned_positions=cfg.aligned_positions)
+    recipe = Recipe(prefix_lm=cfg.prefix_lm, aligned_positions=cfg.aligned_positions, aa_window=cfg.aa_window)
     if not cfg.init_from:
         mc = build_config(cfg.preset, vocab, cfg.model_overrides, min_positions=max_len)
         recipe.store(mc)

@@ -11,6 +11,10 @@ were trained), and applied alike by training batches (tokenfold/data.py), valida
                        ``<kind>`` on, causal (s_i sees every amino acid and s_<i, never s_{i+1})
     aligned_positions  the input token that predicts s_i (``<kind>`` for s_1, else s_{i-1}) gets
                        a_i's RoPE position i, so the query for residue i sits at distance 0 of a_i
+    aa_window          W > 0: inside the prefix, a token attends only to prefix tokens at most W
+                       positions away (a local inductive bias for small data: each layer mixes
+                       residues i-W..i+W, like a convolution); the structure tokens still see every
+                       amino acid. 0: no limit
 
 The recipe needs the plain example layout (not interleaved) and a 4-D attention mask, so the padded
 batch layout with SDPA or eager attention (not flash-attn's packed rows). With plain transformers::
@@ -40,6 +44,7 @@ class Recipe:
 
     prefix_lm: bool = False
     aligned_positions: bool = False
+    aa_window: int = 0
 
     @property
     def is_default(self) -> bool:
@@ -89,5 +94,10 @@ def recipe_inputs(ids: torch.Tensor, valid: torch.Tensor, vocab: Vocab, recipe: 
     if recipe.prefix_lm:   # the block <bos> a_1..a_L <sep>; <kind>, the first query for a structure token, is causal
         prefix = t[None] < kind_at[:, None]
         allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])
+    if recipe.aa_window > 0:   # inside the prefix, only keys at most aa_window positions away
+        both = t[None] < kind_at[:, None]
+        both = both[:, :, None] & both[:, None, :]
+        near = (t[None, :] - t[:, None]).abs() <= recipe.aa_window
+        allowed = allowed & (~both | near[None])
     allowed = (allowed & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
     return {"position_ids": pos, "attention_mask": allowed[:, None]}

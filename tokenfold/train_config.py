@@ -59,6 +59,9 @@ class TrainConfig:
                              "predict; tokenfold/recipe.py)", group=MODEL)
     aligned_positions: bool = option(False, "the token that predicts s_i gets a_i's RoPE position (plain layout; "
                                      "stored in the checkpoint; tokenfold/recipe.py)", group=MODEL)
+    aa_window: int = option(0, "amino acids attend only to amino acids at most W positions away (a local bias "
+                            "for small data; structure tokens still see all; stored in the checkpoint; "
+                            "tokenfold/recipe.py). 0: no limit", group=MODEL, metavar="W")
     grad_accum: int = option(1, "micro-batches per rank per step", group=BATCHES)
     max_steps: int | None = option(None, "optimizer steps (default: --epochs epochs)", group=OPTIM)
     epochs: float | None = option(None, "epochs when --max-steps is not given (default 1)", group=OPTIM)
