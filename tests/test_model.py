@@ -47,6 +47,7 @@ def test_overrides_and_flops():
     assert over == {"hidden_size": 128, "num_hidden_layers": 3, "rms_norm_eps": 1e-6, "hidden_act": "gelu"}
     cfg = build_config("tiny", v, over)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.eos_token_id) == (128, 3, v.size, EOS)
+    assert cfg.attention_dropout == 0.0 and build_config("tiny", v, {"attention_dropout": 0.1}).attention_dropout == 0.1
     with pytest.raises(ValueError, match="unknown LlamaConfig field"):
         build_config("tiny", v, {"hidden_sise": 64})
     with pytest.raises(ValueError, match="smaller than the vocabulary"):

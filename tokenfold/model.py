@@ -112,7 +112,8 @@ def build_config(preset: str, vocab: Vocab, overrides: dict | None = None, min_p
                  kw["max_position_embeddings"])
         kw["max_position_embeddings"] = min_positions
     kw.setdefault("vocab_size", vocab.size)
-    kw.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, attention_dropout=0.0, use_cache=True)
+    kw.setdefault("attention_dropout", 0.0)   # --set attention_dropout=P is honoured, not overwritten
+    kw.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, use_cache=True)
     if kw.get("rope_scaling", "absent") is None:
         kw.pop("rope_scaling")
     config = LlamaConfig(**kw)
