@@ -27,7 +27,7 @@ demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" TOKEN_KIND=geo S04_ARGS="--geo-k 16" \
 	  bash slurm/run_pipeline.sh --local --config slurm/config/demo.env
 	PATH="$(CURDIR)/$(BIN):$$PATH" TOKENS_SUFFIX=_struct2seq S04_ARGS="--direction struct2seq" \
-	  S06_ARGS="--consistency-checkpoint $${TOKENFOLD_DATA:-data}/runs/demo_3di_tiny/final" \
+	  S06_ARGS="--consistency-checkpoint $${TOKENFOLD_DATA:-data}/runs/demo_3di_mini/final" \
 	  bash slurm/run_pipeline.sh --local --config slurm/config/demo.env
 
 test: install

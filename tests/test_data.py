@@ -95,7 +95,7 @@ def test_structure_input_noise_corrupts_only_structure_inputs(tmp_path):
     noisy2.load_state(pos)
     assert torch.equal(noisy2.next_step()[0].input_ids, x)
     with pytest.raises(ValueError, match="noise"):
-        TrainStream(ds, v, input_noise=1.0, **kw)
+        TrainStream(ds, v, input_noise=1.01, **kw)
 
 
 def test_stream_skips_examples_without_a_target(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 
 from stage06 import MAX_LEN, constant_checkpoint, evaluate_cli, tokenize, tsv
 from tokenfold.baselines import aa_index
+from tokenfold.eval_report import summary_line
 from tokenfold.shards import TokenDataset
 from tokenfold.vocab import AA_LETTERS, Vocab
 
@@ -57,6 +58,13 @@ def test_accuracy_perplexity_and_baselines_of_a_known_model(known, small_db):
     assert t["teacher_forced_accuracy"] == pytest.approx(np.mean(true == c))
     assert t["baselines"]["most_frequent"]["accuracy"] == pytest.approx(t["accuracy"])
     assert not t["beats_baselines"]["most_frequent"]
+    best = max(t["baselines"], key=lambda b: t["baselines"][b]["accuracy"])
+    assert not t["beats_all_baselines"] and t["margin_over_best_baseline"]["baseline"] == best
+    assert t["margin_over_best_baseline"]["points"] == pytest.approx(
+        100 * (t["accuracy"] - t["baselines"][best]["accuracy"]))
+    line = summary_line(m)   # free-running first, teacher-forced beside it, the verdict with its margin
+    assert line.index("free-running (greedy) accuracy") < line.index("teacher-forced")
+    assert f"beats baselines: no ({t['margin_over_best_baseline']['points']:+.1f} points vs {best})" in line
     # per amino acid: its most frequent train code (an amino acid absent from train: c)
     joint = np.zeros((len(AA_LETTERS), v.n_struct), int)
     for aa, x in train.values():

@@ -36,8 +36,9 @@ def test_presets_have_the_published_shapes():
         assert rope["original_max_position_embeddings"] == 8192
     # ours: sized to the vocabulary
     assert 1e6 < count_params(_meta_model("tiny", v)) < 1e7
+    assert 7e5 < count_params(_meta_model("mini", v)) < 9e5
     assert 5e7 <= count_params(_meta_model("small", v)) <= 1e8
-    assert set(PRESETS) == {"tiny", "small", "tinyllama-1.1b", "llama3.2-1b", "llama3.1-8b"}
+    assert set(PRESETS) == {"mini", "tiny", "small", "tinyllama-1.1b", "llama3.2-1b", "llama3.1-8b"}
 
 
 def test_overrides_and_flops():
@@ -46,6 +47,7 @@ def test_overrides_and_flops():
     assert over == {"hidden_size": 128, "num_hidden_layers": 3, "rms_norm_eps": 1e-6, "hidden_act": "gelu"}
     cfg = build_config("tiny", v, over)
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.eos_token_id) == (128, 3, v.size, EOS)
+    assert cfg.attention_dropout == 0.0 and build_config("tiny", v, {"attention_dropout": 0.1}).attention_dropout == 0.1
     with pytest.raises(ValueError, match="unknown LlamaConfig field"):
         build_config("tiny", v, {"hidden_sise": 64})
     with pytest.raises(ValueError, match="smaller than the vocabulary"):

@@ -97,3 +97,26 @@ def test_resume_after_sigterm_equals_uninterrupted_run(tmp_path):
     assert (run / "final" / "model.safetensors").stat().st_mtime_ns == mtime
     state = ckpt.load_trainer_state(run / "final")
     assert state["step"] == 9 and state["data"]["microbatch"] > 0
+
+
+def test_recipe_is_trained_stored_and_applied_at_inference(tmp_path):
+    """--prefix-lm --aligned-positions --aa-window: config.json carries the recipe, and the checkpoint loaded for
+    inference scores the val split exactly as training's validation did (same mask and positions)."""
+    from tokenfold.shards import TokenDataset
+    from tokenfold.teacher_forcing import teacher_forced
+
+    chains = foldseek_chains(30, 120)
+    tok = write_threedi_tokens(tmp_path / "tok", {"train": chains[:12], "val": chains[12:16]})
+    kw = dict(max_steps=4, grad_accum=1, eval_every=0, save_every=0, eval_max_examples=None)
+    res = train(_cfg(tok, tmp_path / "run", prefix_lm=True, aligned_positions=True, aa_window=4, **kw))
+    assert res.exit_code == EXIT_OK
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["tokenfold"] == \
+        {"prefix_lm": True, "aligned_positions": True, "aa_window": 4}
+    model, vocab = ckpt.load_for_inference(tmp_path / "run", device="cpu")
+    ds = TokenDataset(tok, "val")
+    tf = teacher_forced(model, vocab, [ds[i] for i in range(len(ds))])
+    assert res.val["loss"] == pytest.approx(sum(t.nll for t in tf) / sum(t.n_targets for t in tf), rel=1e-4)
+    plain = train(_cfg(tok, tmp_path / "plain", **kw))
+    assert json.loads((tmp_path / "plain" / "final" / "config.json").read_text())["tokenfold"] == \
+        {"prefix_lm": False, "aligned_positions": False, "aa_window": 0}
+    assert abs(plain.val["loss"] - res.val["loss"]) > 1e-4

@@ -228,10 +228,13 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "au
     """(model in eval mode on `device`, Vocab) from a checkpoint or run directory (stage 06's entry point).
 
     device, dtype: `tokenfold.device` (auto: the GPU in bf16, else the CPU in fp32). attn_implementation: default SDPA (flash-attn when
-    installed and on a GPU; see `tokenfold.model.pick_attention`).
+    installed and on a GPU, unless the checkpoint's `Recipe` needs a 4-D attention mask; see `tokenfold.model.pick_attention`).
     """
+    from transformers import AutoConfig
+
     from .device import pick_device, pick_dtype
     from .model import pick_attention
+    from .recipe import Recipe
 
     path = resolve(path)
     kind = weights_kind(path)
@@ -240,8 +243,9 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "au
                          f"python -m tokenfold.export --checkpoint {path} --out DIR (a finished run's final/ is one)")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    if attn_implementation is None:
-        attn_implementation = pick_attention(device)
+    if attn_implementation is None:   # a recipe's 4-D attention mask needs SDPA (tokenfold/recipe.py)
+        plain = Recipe.of(AutoConfig.from_pretrained(path)).is_default
+        attn_implementation = pick_attention(device) if plain else "sdpa"
     vocab = Vocab.load(path / "vocab.json")
     model = from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device).eval()
     if model.config.vocab_size < vocab.size:

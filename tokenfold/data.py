@@ -42,13 +42,15 @@ structure token *fed to the model* is replaced, with probability p, by a uniform
 token; the labels keep the true tokens. 3Di letters are strongly autocorrelated, so a small model
 trained with clean inputs learns mostly "repeat the previous letter", which scores well with
 teacher forcing and collapses in free-running generation (every residue 'D' on ../shared). Noise
-makes the previous tokens unreliable and pushes the model onto the amino acids. It is a trade, not a
-free win. Measured on ../shared (tiny preset, interleaved 3Di, 879 train chains, 6 epochs, 109 test
-chains; stage 06 greedy / teacher-forced accuracy): p=0 gives 0.147 / 0.345, p=0.5 gives 0.151 /
-0.290, p=0.9 gives 0.206 / 0.221 (baselines: most frequent letter 0.178, per amino acid 0.195,
-windowed logistic regression 0.246). The replacement is
-seeded by (seed, epoch, global micro-batch index), so it is the same for any number of ranks and
-after a resume. Validation batches are never corrupted.
+makes the previous tokens unreliable and pushes the model onto the amino acids; p=1 (the CPU recipe,
+README "What the models learn") leaves them no information at all, so free-running decoding cannot
+drift from teacher forcing. It trades teacher-forced for free-running accuracy (measured on
+../shared: README). In a struct2seq (inverse folding) example the noise falls on the amino acids the
+model reads back, never on the structure prompt. The replacement is seeded by (seed, epoch, global micro-batch index), so it is
+the same for any number of ranks and after a resume. Validation batches are never corrupted.
+
+A checkpoint's `tokenfold.recipe.Recipe` (prefix-LM mask, aligned positions) adds its position ids
+and 4-D attention mask to every padded batch (`collate(recipe=)`), training and validation alike.
 
 Examples longer than `max_len` tokens are truncated to their first `max_len` tokens (counted and
 logged; stage 04 normally crops long chains already).
@@ -68,6 +70,7 @@ import numpy as np
 import torch
 
 from .batching import budget_batches, budget_cuts
+from .recipe import Recipe, recipe_inputs
 from .shards import TokenDataset
 from .vocab import IGNORE_INDEX, Vocab
 
@@ -161,18 +164,20 @@ def padding_fraction(batches, lengths: np.ndarray, layout: str) -> float:
 class Batch:
     input_ids: torch.Tensor                 # [B, T] int64
     labels: torch.Tensor                    # [B, T] int64, IGNORE_INDEX where no loss (HF convention, unshifted)
-    position_ids: torch.Tensor | None       # [1, N] (packed layout) or None
+    position_ids: torch.Tensor | None       # [1, N] (packed layout), [B, T] (a non-default recipe) or None
     n_examples: int
     n_tokens: int                           # real tokens
     n_positions: int                        # positions computed (real + padding)
     n_loss: int                             # loss targets (structure tokens + <eos>)
     n_struct: int                           # target tokens but <eos> (what accuracy counts): structure tokens,
                                             # or amino acids of a struct2seq vocabulary
+    attention_mask: torch.Tensor | None = None  # [B, 1, T, T] bool (a non-default recipe) or None
 
     def model_inputs(self, device) -> dict:
         kw = {"input_ids": self.input_ids.to(device, non_blocking=True)}
-        if self.position_ids is not None:
-            kw["position_ids"] = self.position_ids.to(device, non_blocking=True)
+        for key in ("position_ids", "attention_mask"):
+            if getattr(self, key) is not None:
+                kw[key] = getattr(self, key).to(device, non_blocking=True)
         return kw
 
     def pin_memory(self) -> "Batch":
@@ -182,8 +187,9 @@ class Batch:
                                             if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
-def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
-    """Token arrays -> one micro-batch in the given layout (see the module docstring)."""
+def collate(examples: list[np.ndarray], vocab: Vocab, layout: str, recipe: Recipe | None = None) -> Batch:
+    """Token arrays -> one micro-batch in the given layout (see the module docstring); a non-default
+    `recipe` adds its position ids and attention mask (`recipe_inputs`; padded layout only)."""
     examples = [np.asarray(e, dtype=np.int64) for e in examples]
     lens = [len(e) for e in examples]
     if layout == "packed":
@@ -202,20 +208,27 @@ def collate(examples: list[np.ndarray], vocab: Vocab, layout: str) -> Batch:
         raise ValueError(f"unknown batch layout {layout!r}")
     n_loss = int((labels != IGNORE_INDEX).sum())
     n_struct = int(vocab.is_target(labels).sum())
+    attention_mask = None
+    if recipe is not None and not recipe.is_default:
+        if layout != "padded":
+            raise ValueError("the prefix-LM / aligned-positions recipe needs the padded batch layout (SDPA or eager)")
+        x = torch.from_numpy(ids)
+        extra = recipe_inputs(x, torch.arange(x.shape[1])[None] < torch.tensor(lens)[:, None], vocab, recipe)
+        position_ids, attention_mask = extra["position_ids"], extra["attention_mask"]
     return Batch(torch.from_numpy(ids), torch.from_numpy(labels), position_ids, len(examples),
-                 int(sum(lens)), int(ids.size), n_loss, n_struct)
+                 int(sum(lens)), int(ids.size), n_loss, n_struct, attention_mask)
 
 
 def corrupt_structure_inputs(batch: Batch, vocab: Vocab, p: float, rng: np.random.Generator) -> Batch:
-    """Replace each structure token of `batch.input_ids` with a random structure token with
-    probability `p` (in place; the labels are untouched). See "Structure-input noise" above. In a
-    struct2seq example the structure tokens are the prompt, so there it perturbs the input structure."""
+    """Replace each target token the model reads as input (its own earlier outputs at generation time:
+    structure tokens, or the amino acids of a struct2seq example) with a random one of the tokens it
+    chooses among, with probability `p` (in place; the labels and the prompt are untouched). See
+    "Structure-input noise" above."""
     if p <= 0:
         return batch
     ids = batch.input_ids.numpy()
-    struct = vocab.is_struct(ids)
-    hit = struct & (rng.random(ids.shape) < p)
-    ids[hit] = rng.integers(vocab.struct_offset, vocab.struct_end, size=int(hit.sum()))
+    hit = vocab.is_target(ids) & (rng.random(ids.shape) < p)
+    ids[hit] = rng.integers(*vocab.choice_range, size=int(hit.sum()))
     return batch
 
 
@@ -234,15 +247,15 @@ class StepReader:
     worker processes): tokens from the shards, the batch layout, the seeded input noise."""
 
     def __init__(self, ds: TokenDataset, vocab: Vocab, layout: str, max_len: int, index: np.ndarray | None,
-                 seed: int, input_noise: float):
+                 seed: int, input_noise: float, recipe: Recipe | None = None):
         self.ds, self.vocab, self.layout, self.max_len = ds, vocab, layout, max_len
-        self.index, self.seed, self.input_noise = index, seed, input_noise
+        self.index, self.seed, self.input_noise, self.recipe = index, seed, input_noise, recipe
 
     def example(self, i: int) -> np.ndarray:
         return self.ds[int(i) if self.index is None else int(self.index[i])][: self.max_len]
 
     def __getitem__(self, job: StepJob) -> tuple[int, int, list[Batch]]:
-        batches = [collate([self.example(i) for i in b], self.vocab, self.layout) for b in job.batches]
+        batches = [collate([self.example(i) for i in b], self.vocab, self.layout, self.recipe) for b in job.batches]
         if self.input_noise > 0:
             for j, batch in enumerate(batches):
                 rng = np.random.default_rng([self.seed, job.epoch, job.first + j, 0x6E6F6973])  # "nois"
@@ -289,9 +302,9 @@ class TrainStream:
 
     def __init__(self, ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
                  seed: int, grad_accum: int = 1, world_size: int = 1, rank: int = 0, window: int = 4096,
-                 input_noise: float = 0.0, workers: int = 0, pin_memory: bool = False):
-        if not 0.0 <= input_noise < 1.0:
-            raise ValueError(f"structure-input noise must be in [0, 1), got {input_noise}")
+                 input_noise: float = 0.0, workers: int = 0, pin_memory: bool = False, recipe: Recipe | None = None):
+        if not 0.0 <= input_noise <= 1.0:
+            raise ValueError(f"structure-input noise must be in [0, 1], got {input_noise}")
         self.input_noise = float(input_noise)
         if len(ds) == 0:
             raise ValueError(f"no training examples in {ds.root}/{ds.split}")
@@ -314,7 +327,7 @@ class TrainStream:
         # per usable example, in the order of self.index
         self.lengths = np.minimum(raw, max_len).astype(np.int32 if max_len < 2**31 else np.int64)
         del raw
-        self.reader = StepReader(ds, vocab, layout, max_len, self.index, seed, self.input_noise)
+        self.reader = StepReader(ds, vocab, layout, max_len, self.index, seed, self.input_noise, recipe)
         self.epoch, self.pos = 0, 0
         self._plan_epoch, self._plan = -1, None
         self._n_batches: dict[int, int] = {}
@@ -393,7 +406,8 @@ class TrainStream:
 
 
 def eval_batches(ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: int, layout: str,
-                 max_examples: int | None = None, seed: int = 0, world_size: int = 1, rank: int = 0) -> list[Batch]:
+                 max_examples: int | None = None, seed: int = 0, world_size: int = 1, rank: int = 0,
+                 recipe: Recipe | None = None) -> list[Batch]:
     """This rank's share of the validation micro-batches: a fixed seeded subset, length-sorted."""
     lengths = np.minimum(ds.lengths, max_len)
     idx = np.flatnonzero(lengths >= 2)
@@ -401,7 +415,7 @@ def eval_batches(ds: TokenDataset, vocab: Vocab, *, max_tokens: int, max_len: in
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_examples, replace=False))
     order = idx[np.argsort(-lengths[idx], kind="stable")]
     batches = budget_batches(lengths, max_tokens, padded=layout == "padded", order=order)
-    return [collate([ds[int(i)][:max_len] for i in b], vocab, layout) for b in batches[rank::world_size]]
+    return [collate([ds[int(i)][:max_len] for i in b], vocab, layout, recipe) for b in batches[rank::world_size]]
 
 
 def check_vocab(vocab: Vocab, ds: TokenDataset, n_check: int = 64) -> None:

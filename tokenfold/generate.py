@@ -44,6 +44,7 @@ import torch
 from .batching import budget_batches
 from .cli import progress
 from .sampling import Picker, Sampling
+from .recipe import Recipe, recipe_inputs
 from .vocab import Vocab
 
 
@@ -166,13 +167,17 @@ def _plain_batch(model, vocab: Vocab, srcs: list, constrained: bool, pick: Picke
         mask[i, P - len(p):] = 1
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(1) - 1).clamp(min=0)
+    prompt_mask = mask
+    extra = recipe_inputs(ids, mask.bool(), vocab, Recipe.of(model.config))  # {} for the plain causal LM
+    if extra:   # the prompt under the recipe's mask and positions; then each new token attends causally
+        pos, prompt_mask = extra["position_ids"], extra["attention_mask"]
     budget = Ls if constrained else torch.tensor([_unconstrained_budget(len(s)) for s in srcs], device=device)
     n_steps = int(budget.max())
     cache = _new_cache(model, P + n_steps)
     # attention mask over all positions the batch will have: padding 0, everything else 1; each step
     # passes the prefix up to the current length
     full_mask = torch.cat([mask, torch.ones((B, n_steps), dtype=mask.dtype, device=device)], dim=1)
-    logits = _forward(model, ids, cache, mask, pos)[:, -1]
+    logits = _forward(model, ids, cache, prompt_mask, pos)[:, -1]
     next_pos = pos[:, -1:] + 1
     out = torch.full((B, n_steps), vocab.pad, dtype=torch.long, device=device)
     ended = torch.zeros(B, dtype=torch.bool, device=device)
@@ -255,6 +260,8 @@ def generate(model, vocab: Vocab, sources: list, *, constrained: bool = True, sa
     if any(len(s) == 0 for s in sources):
         raise ValueError("empty sequence")
     sampling = sampling or Sampling()
+    if vocab.interleaved and not Recipe.of(model.config).is_default:
+        raise ValueError("this checkpoint's prefix-LM / aligned-positions recipe needs the plain layout")
     device = next(model.parameters()).device
     batch_size = batch_size or default_batch_size(device)
     pick = Picker(sampling, device)

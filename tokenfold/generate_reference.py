@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .recipe import Recipe, recipe_inputs
 from .vocab import Vocab
 
 
@@ -47,14 +48,26 @@ def reference_generate(model, vocab: Vocab, source, repetition_penalty: float = 
                        no_repeat_ngram_size: int = 0) -> np.ndarray:
     """Greedy constrained decoding of ONE protein with HF ``generate()`` (the slow, obvious way): the
     token ids of the whole example, prompt to ``<eos>`` (``vocab.decode`` gives its codes). `source`:
-    an amino-acid string (seq2struct) or structure codes (struct2seq)."""
-    from transformers import LogitsProcessorList
+    an amino-acid string (seq2struct) or structure codes (struct2seq).
+
+    A checkpoint with a non-default `Recipe` (tokenfold/recipe.py): one plain forward fills a DynamicCache
+    with the prefix ``<bos> x_1..x_L <sep>`` under the recipe's mask and positions, then ``generate()``
+    continues from the target marker with the recipe's position ids (it adds 1 per new token) and plain
+    causal attention."""
+    from transformers import DynamicCache, LogitsProcessorList
 
     device = next(model.parameters()).device
     prompt = torch.as_tensor(vocab.prompt(source))[None].to(device)
     n_new = (2 * len(source) if vocab.interleaved else len(source)) + 1
+    kw = {}
+    extra = recipe_inputs(prompt, torch.ones_like(prompt, dtype=torch.bool), vocab, Recipe.of(model.config))
+    if extra:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=prompt[:, :-1], attention_mask=extra["attention_mask"][..., :-1, :-1],
+              position_ids=extra["position_ids"][:, :-1], past_key_values=cache, use_cache=True)
+        kw = dict(past_key_values=cache, position_ids=extra["position_ids"])
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
                          do_sample=False, num_beams=1, eos_token_id=vocab.eos, pad_token_id=vocab.pad,
                          repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size or None,
-                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, source, prompt.shape[1])]))
+                         logits_processor=LogitsProcessorList([LayoutConstraint(vocab, source, prompt.shape[1])]), **kw)
     return out[0].cpu().numpy()

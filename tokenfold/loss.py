@@ -99,9 +99,10 @@ class LossModel(torch.nn.Module):
         """The transformers model (inside a peft wrapper when there is one)."""
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
-    def forward(self, input_ids, labels, eos: int, position_ids=None):
+    def forward(self, input_ids, labels, eos: int, position_ids=None, attention_mask=None):
         base = self.causal_lm
-        hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        hidden = base.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                    use_cache=False).last_hidden_state
         return chunked_stats(hidden, base.get_output_embeddings(), labels, eos, self.chunk)
 
 

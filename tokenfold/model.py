@@ -4,6 +4,7 @@ vocabulary of stage 04 (`tokenfold.vocab`), trained from random initialisation.
 Presets (`PRESETS`) fix the architecture; any `LlamaConfig` field can be overridden
 (`--set hidden_size=512 --set num_hidden_layers=6` on the command line, values parsed as JSON)::
 
+    mini            ~0.8M params  4 layers, d=128, FFN 384, 4 heads (2 KV)   the CPU recipe (README)
     tiny            ~3.0M params  4 layers, d=256, 4 heads (2 KV)    a laptop CPU trains it in minutes
     small           ~75M          12 layers, d=768, 12 heads (4 KV)
     tinyllama-1.1b  TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T config.json: 22 layers,
@@ -40,6 +41,9 @@ from .vocab import BOS, EOS, PAD, Vocab
 log = logging.getLogger("tokenfold.model")
 
 PRESETS: dict[str, dict] = {
+    "mini": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False),
     "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False),
@@ -107,7 +111,8 @@ def build_config(preset: str, vocab: Vocab, overrides: dict | None = None, min_p
                  kw["max_position_embeddings"])
         kw["max_position_embeddings"] = min_positions
     kw.setdefault("vocab_size", vocab.size)
-    kw.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, attention_dropout=0.0, use_cache=True)
+    kw.setdefault("attention_dropout", 0.0)   # --set attention_dropout=P is honoured, not overwritten
+    kw.update(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, use_cache=True)
     if kw.get("rope_scaling", "absent") is None:
         kw.pop("rope_scaling")
     config = LlamaConfig(**kw)

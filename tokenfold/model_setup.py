@@ -17,6 +17,7 @@ import torch
 
 from . import hf_vocab, lora
 from .model import build_config, build_model
+from .recipe import Recipe
 from .vocab import Vocab
 
 log = logging.getLogger("tokenfold.model_setup")
@@ -43,9 +44,13 @@ def weights_dtype(cfg, train_dtype: torch.dtype) -> torch.dtype:
 
 
 def model_config(cfg, vocab: Vocab, max_len: int):
-    """The transformers config of the model trained: the preset's, or the LLM's with room for our tokens."""
+    """The transformers config of the model trained: the preset's, or the LLM's with room for our tokens;
+    with the run's `Recipe` (tokenfold/recipe.py) stored in it."""
+    recipe = Recipe(prefix_lm=cfg.prefix_lm, aligned_positions=cfg.aligned_positions, aa_window=cfg.aa_window)
     if not cfg.init_from:
-        return build_config(cfg.preset, vocab, cfg.model_overrides, min_positions=max_len)
+        mc = build_config(cfg.preset, vocab, cfg.model_overrides, min_positions=max_len)
+        recipe.store(mc)
+        return mc
     from transformers import AutoConfig
 
     mc = AutoConfig.from_pretrained(cfg.init_from)
@@ -54,6 +59,7 @@ def model_config(cfg, vocab: Vocab, max_len: int):
     if positions is not None and positions < max_len:
         raise ValueError(f"{cfg.init_from} has {positions} positions, fewer than the longest example ({max_len} "
                          f"tokens): re-tokenize with 04_tokenize.py --max-length {vocab.max_residues(positions)}")
+    recipe.store(mc)
     return mc
 
 
@@ -68,6 +74,7 @@ def starting_model(cfg, model_cfg, vocab: Vocab, attn: str, train_dtype: torch.d
     if hf_vocab.is_random_test_model(model.config):
         log.warning("%s is a RANDOMLY INITIALISED test model (tokenfold/random_llm.py): for tests only",
                     cfg.init_from)
+    Recipe.of(model_cfg).store(model.config)
     hf_vocab.fit_embeddings(model, vocab)
     if cfg.lora_rank:
         model = lora.apply(model, vocab, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)

@@ -16,6 +16,7 @@ import torch
 
 from .batching import budget_batches
 from .generate import default_batch_size
+from .recipe import Recipe, recipe_inputs
 from .vocab import Vocab
 
 
@@ -37,6 +38,7 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
     batch_size = batch_size or default_batch_size(device)
     lo, hi = vocab.target_range
     clo, chi = vocab.choice_range
+    recipe = Recipe.of(model.config)   # tokenfold/recipe.py: the mask and positions training used
     out: list[TeacherForced | None] = [None] * len(examples)
     was_training = model.training
     model.eval()
@@ -50,7 +52,9 @@ def teacher_forced(model, vocab: Vocab, examples: list[np.ndarray], batch_size: 
                 ids[r, :len(e)] = e
                 att[r, :len(e)] = 1
             ids, att = ids.to(device), att.to(device)
-            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[:, :-1].float()
+            extra = recipe_inputs(ids, att.bool(), vocab, recipe)
+            logits = model(input_ids=ids, attention_mask=extra.get("attention_mask", att),
+                           position_ids=extra.get("position_ids"), use_cache=False).logits[:, :-1].float()
             tgt = ids[:, 1:]
             valid = att[:, 1:].bool()
             tmask = (tgt >= lo) & (tgt < hi) & valid

@@ -42,6 +42,7 @@ from .data import TrainStream, check_vocab, eval_batches, pick_layout
 from .device import autocast, dtype_name
 from .loss import evaluate
 from .model import flops_per_token, pick_attention
+from .recipe import Recipe
 from .model_setup import check_settings, checkpoint_kind, model_config, starting_model, weights_dtype, wrap
 from .optim import make_optimizer, make_scheduler, train_dtype
 from .stop import EXIT_OK, EXIT_REQUEUE, StopFlag
@@ -108,8 +109,10 @@ class Trainer:
         # model shape, attention, batch layout, precision
         cfg.max_len = resolve_max_len(cfg, self.vocab)   # the length contract with stage 04 (train_config.py)
         self.model_cfg = model_config(cfg, self.vocab, cfg.max_len)
+        self.recipe = Recipe.of(self.model_cfg)   # --prefix-lm / --aligned-positions (model_setup.model_config)
         self.ckpt_kind = checkpoint_kind(cfg)
-        self.attn = pick_attention(self.device, cfg.attn)
+        # a recipe's 4-D attention mask needs SDPA or eager attention (and so the padded layout)
+        self.attn = pick_attention(self.device, "sdpa" if cfg.attn == "auto" and not self.recipe.is_default else cfg.attn)
         self.layout = pick_layout(self.attn, cfg.batch_layout)
         self.dtype = train_dtype(cfg.precision, self.device)
         self.precision = dtype_name(self.dtype)
@@ -121,7 +124,8 @@ class Trainer:
         self.stream = TrainStream(self.train_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
                                   layout=self.layout, seed=cfg.seed, grad_accum=cfg.grad_accum,
                                   world_size=dist.world_size, rank=dist.rank, window=cfg.bucket_window,
-                                  input_noise=cfg.struct_input_noise, workers=workers, pin_memory=cuda)
+                                  input_noise=cfg.struct_input_noise, workers=workers, pin_memory=cuda,
+                                  recipe=self.recipe)
         log.info("data: %d train examples (%s tokens) read in %.1f s; epoch plan of %d micro-batches in %.1f s; "
                  "%d loader workers%s", len(self.train_ds), f"{self.train_ds.n_tokens:,}", t_ds,
                  len(self.stream.plan(0)), time.time() - t_data, workers, ", pinned memory" if cuda else "")
@@ -134,7 +138,7 @@ class Trainer:
         if self.val_ds is not None and len(self.val_ds):
             self.val_batches = eval_batches(self.val_ds, self.vocab, max_tokens=cfg.max_tokens, max_len=cfg.max_len,
                                             layout=self.layout, max_examples=cfg.eval_max_examples, seed=cfg.seed,
-                                            world_size=dist.world_size, rank=dist.rank)
+                                            world_size=dist.world_size, rank=dist.rank, recipe=self.recipe)
         self.step = 0
         self.tokens_seen = 0
         self.last_val: dict | None = None

@@ -52,8 +52,17 @@ class TrainConfig:
         "shorter than an example of the shards is refused", group=BATCHES)
     bucket_window: int = option(4096, "examples length-sorted together", group=BATCHES)
     struct_input_noise: float = option(
-        0.0, "replace each structure token fed to the model by a random one with probability P (labels stay "
-        "true; trades teacher-forced for free-running accuracy, see tokenfold/data.py)", group=BATCHES, metavar="P")
+        0.0, "replace each structure token fed to the model (struct2seq: each amino acid it reads back) by a random "
+        "one with probability P (labels stay true; trades teacher-forced for free-running accuracy, see "
+        "tokenfold/data.py)", group=BATCHES, metavar="P")
+    prefix_lm: bool = option(False, "bidirectional attention over <bos> a_1..a_L <sep>, causal from <kind> on over "
+                             "the structure tokens (plain layout; stored in the checkpoint, applied by stage 06 and "
+                             "predict; tokenfold/recipe.py)", group=MODEL)
+    aligned_positions: bool = option(False, "the token that predicts s_i gets a_i's RoPE position (plain layout; "
+                                     "stored in the checkpoint; tokenfold/recipe.py)", group=MODEL)
+    aa_window: int = option(0, "amino acids attend only to amino acids at most W positions away (a local bias "
+                            "for small data; structure tokens still see all; stored in the checkpoint; "
+                            "tokenfold/recipe.py). 0: no limit", group=MODEL, metavar="W")
     grad_accum: int = option(1, "micro-batches per rank per step", group=BATCHES)
     max_steps: int | None = option(None, "optimizer steps (default: --epochs epochs)", group=OPTIM)
     epochs: float | None = option(None, "epochs when --max-steps is not given (default 1)", group=OPTIM)
