@@ -40,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tokenfold.data import TrainStream, collate, pick_layout  # noqa: E402
+from tokenfold.data import collate, pick_layout  # noqa: E402
 from tokenfold.device import autocast, dtype_name, pick_device  # noqa: E402
 from tokenfold.fasta import read_fasta  # noqa: E402
 from tokenfold.loss import token_stats  # noqa: E402
@@ -48,6 +48,7 @@ from tokenfold.model import build_config, build_model, flops_per_token, pick_att
 from tokenfold.optim import make_optimizer, train_dtype  # noqa: E402
 from tokenfold.shards import TokenDataset, TokenShardWriter  # noqa: E402
 from tokenfold.train_config import TrainConfig  # noqa: E402
+from tokenfold.train_stream import TrainStream  # noqa: E402
 from tokenfold.vocab import IGNORE_INDEX, PAD, Vocab  # noqa: E402
 
 REF_LEN = 1024

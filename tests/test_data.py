@@ -4,11 +4,12 @@ layout chosen for an attention implementation."""
 import numpy as np
 import pytest
 import torch
-
 from conftest import foldseek_chains, write_threedi_tokens
+
 from tokenfold.batching import budget_batches
-from tokenfold.data import TrainStream, padding_fraction, pick_layout, plan_epoch
+from tokenfold.data import padding_fraction, pick_layout, plan_epoch
 from tokenfold.shards import TokenDataset, TokenShardWriter
+from tokenfold.train_stream import TrainStream
 from tokenfold.vocab import Vocab
 
 

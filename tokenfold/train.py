@@ -5,11 +5,10 @@ a pretrained LLM (--init-from, optionally with LoRA), with DDP or FSDP2.
 section stage 05). This module is the loop only; its parts:
 
     tokenfold/train_config.py   every setting (the flags of 05_train_lm.py), what a resume must share
-    tokenfold/data.py           batches: length-bucketed for SDPA, packed for FlashAttention-2
-    tokenfold/loss.py           the loss (structure tokens + <eos>) and validation accuracy
-    tokenfold/optim.py          AdamW, warmup + cosine schedule, the autocast precision
-    tokenfold/stop.py           SIGTERM / SIGUSR1 and the exit statuses 0 / 124 / 1
-    tokenfold/train_log.py      metrics.jsonl, curves.png
+    tokenfold/data.py, train_stream.py   batches (length-bucketed for SDPA, packed for FlashAttention-2), the
+                                stream of steps of one rank; tokenfold/recipe.py: the mask and positions
+    tokenfold/loss.py, optim.py the loss (targets + <eos>) and validation; AdamW, warmup + cosine, precision
+    tokenfold/stop.py, train_log.py   SIGTERM / SIGUSR1, exit statuses 0 / 124 / 1; metrics.jsonl, curves.png
     tokenfold/checkpoint.py     checkpoints; tokenfold/distributed.py: process groups
     tokenfold/model_setup.py    the model (preset, --init-from, --lora-rank) in LossModel, FSDP2 or DDP
     tokenfold/memory_plan.py    bytes per GPU, printed before training; refuses what cannot fit
@@ -38,16 +37,17 @@ from . import checkpoint as ckpt
 from . import distributed, fsdp, hf_vocab, lora, memory_plan
 from .artifacts import write_json_atomic
 from .cli import progress, seed_everything
-from .data import TrainStream, check_vocab, eval_batches, pick_layout
+from .data import check_vocab, eval_batches, pick_layout
 from .device import autocast, dtype_name
 from .loss import evaluate
 from .model import flops_per_token, pick_attention
-from .recipe import Recipe
 from .model_setup import check_settings, checkpoint_kind, model_config, starting_model, weights_dtype, wrap
 from .optim import make_optimizer, make_scheduler, train_dtype
+from .recipe import Recipe
 from .stop import EXIT_OK, EXIT_REQUEUE, StopFlag
 from .train_config import TrainConfig, changed_settings, compat_fingerprint, resolve_max_len
 from .train_log import Interval, TrainLog
+from .train_stream import TrainStream
 from .vocab import Vocab
 
 log = logging.getLogger("tokenfold.train")
