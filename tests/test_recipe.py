@@ -139,3 +139,14 @@ def test_batched_generation_and_teacher_forcing_apply_it_like_hf_generate(recipe
     recipe.store(mi.config)
     with pytest.raises(ValueError, match="plain layout"):
         generate(mi, vi, seqs[:2])
+
+
+def test_a_recipe_picks_sdpa_where_flash_attention_would_be_chosen(monkeypatch):
+    """A recipe's 4-D mask needs SDPA: `auto` never picks flash-attn for it (training and loading alike)."""
+    from tokenfold import model as M
+
+    monkeypatch.setattr(M, "flash_attn_available", lambda: True)
+    assert M.pick_attention("cuda") == "flash_attention_2"
+    assert M.pick_attention("cuda", "auto", Recipe()) == "flash_attention_2"
+    assert M.pick_attention("cuda", "auto", Recipe(prefix_lm=True)) == "sdpa"
+    assert M.pick_attention("cuda", "eager", Recipe(prefix_lm=True)) == "eager"

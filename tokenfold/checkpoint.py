@@ -243,9 +243,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "au
                          f"python -m tokenfold.export --checkpoint {path} --out DIR (a finished run's final/ is one)")
     device = pick_device(device)
     dtype = pick_dtype(dtype, device)
-    if attn_implementation is None:   # a recipe's 4-D attention mask needs SDPA (tokenfold/recipe.py)
-        plain = Recipe.of(AutoConfig.from_pretrained(path)).is_default
-        attn_implementation = pick_attention(device) if plain else "sdpa"
+    if attn_implementation is None:
+        attn_implementation = pick_attention(device, recipe=Recipe.of(AutoConfig.from_pretrained(path)))
     vocab = Vocab.load(path / "vocab.json")
     model = from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device).eval()
     if model.config.vocab_size < vocab.size:

@@ -128,10 +128,13 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available()
 
 
-def pick_attention(device: torch.device | str, requested: str = "auto") -> str:
-    """`auto`: flash_attention_2 on a GPU with flash-attn installed, else sdpa. Anything else as given."""
+def pick_attention(device: torch.device | str, requested: str = "auto", recipe=None) -> str:
+    """`auto`: flash_attention_2 on a GPU with flash-attn installed, else sdpa; sdpa always for a
+    non-default `tokenfold.recipe.Recipe` (its 4-D attention mask). Anything else as given."""
     if requested != "auto":
         return requested
+    if recipe is not None and not recipe.is_default:
+        return "sdpa"
     if torch.device(device).type == "cuda" and flash_attn_available():
         return "flash_attention_2"
     return "sdpa"
