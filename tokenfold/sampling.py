@@ -7,9 +7,10 @@ only the columns constrained decoding may choose from), as in transformers' ``ge
 1. **repetition penalty** ``p`` (CTRL, Keskar et al. 2019; transformers' ``repetition_penalty``; IF_GPT's
    option): the logit ``x`` of every token this row has *already generated* becomes ``x / p`` if
    ``x > 0``, else ``x * p``. ``p > 1`` discourages repeats, ``p = 1`` is off, ``p < 1`` encourages
-   them. Only the generated part counts: prompt tokens (the source side) are never among the
-   choices of constrained decoding, so this equals transformers' processor, which looks at the whole
-   sequence (tests/test_generate.py checks both layouts against ``generate(repetition_penalty=p)``).
+   them. Applied by transformers' own ``RepetitionPenaltyLogitsProcessor`` to the columns generated so
+   far. Only the generated part counts: prompt tokens (the source side) are never among the choices
+   of constrained decoding, so this equals ``generate(repetition_penalty=p)``, which looks at the
+   whole sequence (tests/test_generate.py checks both layouts against it).
 2. **n-gram blocking** ``n`` (IF_GPT's option; transformers' ``no_repeat_ngram_size``): a token that would
    complete an n-gram already present in this row's generated tokens is forbidden. Only the
    generated tokens form n-grams (in the plain layout this is what transformers does; in the
@@ -52,13 +53,6 @@ class Sampling:
             raise ValueError("no-repeat n-gram size must be >= 0 (0: off)")
 
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty: where `seen`, positive logits divided by `penalty`, others multiplied."""
-    if penalty == 1.0:
-        return logits
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
 def ngram_ban(history: torch.Tensor, n: int, width: int) -> torch.Tensor:
     """bool [B, width]: the tokens that would repeat an n-gram of `history` [B, t] (columns 0..width-1),
     i.e. those that followed an earlier occurrence of the last n-1 tokens."""
@@ -79,7 +73,11 @@ class Picker:
     """Chooses one column per row of a logits matrix, following a `Sampling` (module docstring)."""
 
     def __init__(self, sampling: Sampling, device: torch.device):
+        from transformers import RepetitionPenaltyLogitsProcessor
+
         self.s = sampling
+        self.penalty = (RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty)
+                        if sampling.repetition_penalty != 1.0 else None)   # scores the columns of `history`
         self.gen = None
         if sampling.do_sample:
             self.gen = torch.Generator(device=device)
@@ -93,9 +91,8 @@ class Picker:
         """logits [B, V] -> chosen column [B] (int64). `history` [B, t]: the columns chosen so far."""
         x = logits.float()
         if history is not None and history.shape[1]:
-            if self.s.repetition_penalty != 1.0:
-                seen = torch.zeros_like(x, dtype=torch.bool).scatter_(1, history, True)
-                x = penalize_repeats(x, seen, self.s.repetition_penalty)
+            if self.penalty is not None:
+                x = self.penalty(history, x)
             if self.s.no_repeat_ngram:
                 ban = ngram_ban(history, self.s.no_repeat_ngram, x.shape[1])
                 ban &= ~ban.all(1, keepdim=True)
