@@ -94,13 +94,12 @@ def recipe_inputs(ids: torch.Tensor, valid: torch.Tensor, vocab: Vocab, recipe: 
     if recipe.aligned_positions:  # <kind> -> 1 (= a_1), s_j -> j + 1 (= a_{j+1}): the query for s_i sits at a_i
         pos = torch.where(t[None] >= kind_at[:, None], t[None] - kind_at[:, None] + 1, pos)
     allowed = (t[None, :] <= t[:, None])[None].expand(B, T, T)      # [B, query, key] causal
-    if recipe.prefix_lm:   # the block <bos> a_1..a_L <sep>; <kind>, the first query for a structure token, is causal
-        prefix = t[None] < kind_at[:, None]
-        allowed = allowed | (prefix[:, :, None] & prefix[:, None, :])
+    prefix = t[None] < kind_at[:, None]        # <bos> a_1..a_L <sep>; <kind>, the first structure query, is not
+    in_prefix = prefix[:, :, None] & prefix[:, None, :]                # query and key both in the prefix
+    if recipe.prefix_lm:
+        allowed = allowed | in_prefix
     if recipe.aa_window > 0:   # inside the prefix, only keys at most aa_window positions away
-        both = t[None] < kind_at[:, None]
-        both = both[:, :, None] & both[:, None, :]
         near = (t[None, :] - t[:, None]).abs() <= recipe.aa_window
-        allowed = allowed & (~both | near[None])
+        allowed = allowed & (~in_prefix | near[None])
     allowed = (allowed & valid[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
     return {"position_ids": pos, "attention_mask": allowed[:, None]}
