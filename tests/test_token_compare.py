@@ -26,7 +26,7 @@ def test_tokenizer_numbers(kinds, small_db):
         assert s["nmi_3di_shuffled"] < s["nmi_3di"] and s["train_unigram_entropy_nats"] > 0
     assert t["3di"]["nmi_3di"] == pytest.approx(1.0)                 # 3Di against itself
     assert t["3di"]["reconstruction"] == {"decodable": False}
-    assert t["geo"]["reconstruction"]["rmsd_A"]["median"] < 1.0      # closed loop, K=64
+    assert t["geo"]["reconstruction"]["rmsd_A"]["median"] < 1.0      # closed loop, the default K
     assert t["6d"]["reconstruction"]["rmsd_A"]["median"] > 3.0       # bin centres, open loop
     assert t["6d"]["nmi_3di"] > t["6d"]["nmi_aa_3di"]                # geometry says more about 3Di than sequence
 
