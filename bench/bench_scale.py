@@ -5,7 +5,8 @@ the number of entries N, fitted as bytes per entry, and each stage's throughput.
     python bench/bench_scale.py --entries 1000000 5000000 20000000     # hours on 2 cores; ~37 GB scratch at 20M
     python bench/bench_scale.py --entries 2000 --train-seconds 5        # a minute (tests/test_bench_scale.py)
 
-For each N, in a scratch directory (``--work``, deleted afterwards unless ``--keep``):
+For each N, in a scratch directory (``--work``, deleted afterwards unless ``--keep``; ``--resume``
+continues a killed bench where it stopped, stage by stage):
 
 0. ``build``  a real-format Foldseek DB of N entries (`bench/scale_db.py`: mutated 30-60-residue
    windows of the ~1,100 chains of ../shared/data/foldseek_db, written with vectorised numpy);
@@ -212,24 +213,6 @@ def _mmseqs_timed(work: Path) -> tuple[str | None, Path]:
     return str(script), log
 
 
-def _train(work: Path, tree: Path, tok: Path, run: Path, a, name: str, workers: bool = True) -> dict:
-    """Stage 05 of code tree `tree` on the token shards `tok` for a.train_seconds of batches."""
-    train = [tree / "05_train_lm.py", "--tokens", tok, "--out", run, "--preset", "tiny", "--device", "cpu",
-             "--threads", "1", "--max-tokens", a.max_tokens, "--max-steps", 1_000_000, "--eval-every", 0,
-             "--save-every", 0, "--log-every", 5, "--eval-max-examples", 100]
-    if workers and a.data_workers is not None:
-        train += ["--data-workers", a.data_workers]
-    seen: dict = {}
-    r = run_stage(work, name, train, stop_after=_train_timer(run, a.train_seconds, seen))
-    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
-    m = re.search(r"read in ([\d.]+) s; epoch plan of (\d+) micro-batches in ([\d.]+) s", Path(r["log"]).read_text())
-    tps = sorted(x["tokens_per_s"] for x in recs[1:] or recs)
-    r.update(rate=tps[len(tps) // 2] if tps else 0.0, unit="useful-tok/s (median)", steps=recs[-1]["step"] if recs else 0,
-             dataset_seconds=float(m.group(1)) if m else None, plan_microbatches=int(m.group(2)) if m else None,
-             data_setup_seconds=float(m.group(3)) if m else None, **seen)
-    return r
-
-
 def _clustering_seconds(log: Path) -> float | None:
     """Seconds between stage 01's 'clustering N sequences' line and its 'finalized' line (log times)."""
     stamps = {}
@@ -243,59 +226,149 @@ def _clustering_seconds(log: Path) -> float | None:
     return (stamps["finalized"] - stamps["clustering"]) % 86400
 
 
+def _finish_build(work: Path) -> dict:
+    """The generated Foldseek DB's size and residues, read back from its files (a resumed run)."""
+    import numpy as np
+
+    prefix = work / "fsdb" / "scale"
+    lens = np.loadtxt(f"{prefix}.index", dtype=np.int64, usecols=2, ndmin=1)
+    size = sum(Path(f"{prefix}{s}{e}").stat().st_size for s in ("", "_ss", "_ca", "_h") for e in ("", ".index")
+               if Path(f"{prefix}{s}{e}").exists())
+    return {"bytes": size, "residues": int(lens.sum()) - 2 * len(lens)}
+
+
+def _finish_01(work: Path, n: int, r: dict) -> dict:
+    db, mmseqs_log = work / "db", work / "mmseqs_time.jsonl"
+    man = json.loads((db / "manifest.json").read_text())
+    rep = json.loads((db / "report.json").read_text())
+    return dict(rate=n / r["seconds"], unit="entries/s", split=man["split_sizes"], split_method=man["split"]["detail"],
+                clusters=rep["split"]["clusters"], clustering_seconds=_clustering_seconds(Path(r["log"])),
+                db_bytes=_du(db),
+                mmseqs=[json.loads(x) for x in mmseqs_log.read_text().splitlines()] if mmseqs_log.exists() else None)
+
+
+def _finish_04(work: Path, n: int, r: dict) -> dict:
+    mf = json.loads((work / "tok" / "manifest.json").read_text())
+    n_ex = sum(s["n_examples"] for s in mf["splits"].values())
+    return dict(rate=n_ex / r["seconds"], unit="examples/s", examples=n_ex, token_bytes=_du(work / "tok"),
+                train_examples=mf["splits"]["train"]["n_examples"])
+
+
+def _finish_05(run: Path, name: str):
+    def finish(work: Path, n: int, r: dict) -> dict:
+        from tokenfold.checkpoint import latest_checkpoint
+
+        if latest_checkpoint(run) is None:
+            raise FileNotFoundError(f"no checkpoint in {run}")
+        recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+        m = re.search(r"read in ([\d.]+) s; epoch plan of (\d+) micro-batches in ([\d.]+) s", Path(r["log"]).read_text())
+        tps = sorted(x["tokens_per_s"] for x in recs[1:] or recs)
+        seen = work / f"{name}.seen.json"
+        return dict(rate=tps[len(tps) // 2] if tps else 0.0, unit="useful-tok/s (median)",
+                    steps=recs[-1]["step"] if recs else 0, dataset_seconds=float(m.group(1)) if m else None,
+                    plan_microbatches=int(m.group(2)) if m else None, data_setup_seconds=float(m.group(3)) if m else None,
+                    **(json.loads(seen.read_text()) if seen.exists() else {}))
+    return finish
+
+
+def _finish_06(work: Path, n: int, r: dict) -> dict:
+    x = json.loads((work / "06.read.json").read_text())
+    return dict(x, rate=(x["proteins"] + x["skipped"]) / max(x["seconds_read"], 1e-9), unit="proteins/s (read)")
+
+
+class Stages:
+    """The stages of one N in its scratch `work`, in order. With ``resume``, a stage whose earlier run
+    there completed (its measurement saved, its outputs readable) is not run again; from the first
+    stage that is run on, every later one runs too, on a clean output directory, so each measurement is
+    of one whole, uninterrupted run of that stage."""
+
+    def __init__(self, work: Path, n: int, resume: bool):
+        self.work, self.n, self.fresh = work, n, not resume
+
+    def reuse(self, name: str, finish) -> dict | None:
+        res = self.work / f"{name}.rusage.json"
+        if self.fresh or not res.exists():
+            return None
+        r = dict(json.loads(res.read_text()), log=str(self.work / f"{name}.log"))
+        if r["rc"] not in (0, 124):
+            return None
+        try:
+            r.update(finish(self.work, self.n, r))
+        except (OSError, KeyError, ValueError, AttributeError):
+            return None
+        print(f"  N={self.n:,} stage {name}: resumed (its complete run in {self.work})", flush=True)
+        return dict(r, resumed=True)
+
+    def run(self, name: str, outs: list[Path], argv: list, finish, stop_after=None) -> dict:
+        r = self.reuse(name, finish)
+        if r is not None:
+            return r
+        self.fresh = True
+        for out in outs:
+            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        r = run_stage(self.work, name, argv, stop_after=stop_after)
+        r.update(finish(self.work, self.n, r))
+        _say(self.n, name, r)
+        return r
+
+
+def _train(stages: Stages, tree: Path, tok: Path, run: Path, a, name: str, workers: bool = True) -> dict:
+    """Stage 05 of code tree `tree` on the token shards `tok` for a.train_seconds of batches."""
+    train = [tree / "05_train_lm.py", "--tokens", tok, "--out", run, "--preset", "tiny", "--device", "cpu",
+             "--threads", "1", "--max-tokens", a.max_tokens, "--max-steps", 1_000_000, "--eval-every", 0,
+             "--save-every", 0, "--log-every", 5, "--eval-max-examples", 100]
+    if workers and a.data_workers is not None:
+        train += ["--data-workers", a.data_workers]
+    seen: dict = {}
+    timer = _train_timer(run, a.train_seconds, seen)
+
+    def stop_after(p):
+        timer(p)
+        (stages.work / f"{name}.seen.json").write_text(json.dumps(seen))
+    return stages.run(name, [run], train, _finish_05(run, name), stop_after=stop_after)
+
+
 def bench_one(n: int, work: Path, a) -> dict:
     import scale_db
 
     work.mkdir(parents=True, exist_ok=True)
     out = {"entries": n, "stages": {}}
     st = out["stages"]
-    t, c = time.time(), time.process_time()
-    info = scale_db.build(work / "fsdb" / "scale", n, a.shared_db, seed=a.seed, block=a.block)
-    st["build"] = {"seconds": time.time() - t, "cpu": time.process_time() - c, "rate": n / (time.time() - t),
-                   "unit": "entries/s", "bytes": info["bytes"], "residues": info["residues"],
-                   "rss_self": None, "anon_self": None, "file_self": None, "rss_children": None}
-    print(f"  N={n:,}: Foldseek DB {info['bytes'] / 2**30:.2f} GiB in {st['build']['seconds']:.0f} s", flush=True)
+    stages = Stages(work, n, a.resume)
+    built = work / "build.json"
+    fsdb = work / "fsdb" / "scale"
+    if a.resume and Path(f"{fsdb}.index").exists() and (built.exists() or (work / "01.rusage.json").exists()):
+        # a DB built before build.json was recorded (an older bench): its size from its files, untimed
+        st["build"] = json.loads(built.read_text()) if built.exists() else {
+            "seconds": None, "cpu": None, "rate": None, "unit": "entries/s", **_finish_build(work),
+            "rss_self": None, "anon_self": None, "file_self": None, "rss_children": None}
+        st["build"]["resumed"] = True
+    else:
+        stages.fresh = True
+        t, c = time.time(), time.process_time()
+        info = scale_db.build(fsdb, n, a.shared_db, seed=a.seed, block=a.block)
+        st["build"] = {"seconds": time.time() - t, "cpu": time.process_time() - c, "rate": n / (time.time() - t),
+                       "unit": "entries/s", "bytes": info["bytes"], "residues": info["residues"],
+                       "rss_self": None, "anon_self": None, "file_self": None, "rss_children": None}
+        built.write_text(json.dumps(st["build"]))
+        print(f"  N={n:,}: Foldseek DB {info['bytes'] / 2**30:.2f} GiB in {st['build']['seconds']:.0f} s", flush=True)
 
     db, tok, run, ev = work / "db", work / "tok", work / "run", work / "eval"
     mmseqs, mmseqs_log = _mmseqs_timed(work)
-    r = run_stage(work, "01", [ROOT / "01_prepare_db.py", "--foldseek-db", work / "fsdb" / "scale", "--out", db,
-                               "--items-per-shard", a.items_per_shard, "--mmseqs-mode", a.mmseqs_mode,
-                               *(["--mmseqs", mmseqs] if mmseqs else []),
-                               *(["--mmseqs-threads", a.mmseqs_threads] if a.mmseqs_threads else [])])
-    man = json.loads((db / "manifest.json").read_text())
-    rep = json.loads((db / "report.json").read_text())
-    r.update(rate=n / r["seconds"], unit="entries/s", split=man["split_sizes"], split_method=man["split"]["detail"],
-             clusters=rep["split"]["clusters"], clustering_seconds=_clustering_seconds(Path(r["log"])), db_bytes=_du(db),
-             mmseqs=[json.loads(x) for x in mmseqs_log.read_text().splitlines()] if mmseqs_log.exists() else None)
-    st["01"] = r
-    _say(n, "01", r)
-    r = run_stage(work, "04", [ROOT / "04_tokenize.py", "--db", db, "--tokens", "3di", "--out", tok])
-    mf = json.loads((tok / "manifest.json").read_text())
-    n_ex = sum(s["n_examples"] for s in mf["splits"].values())
-    r.update(rate=n_ex / r["seconds"], unit="examples/s", examples=n_ex, token_bytes=_du(tok))
-    st["04"] = r
-    _say(n, "04", r)
-    r = _train(work, ROOT, tok, run, a, "05")
-    r["train_examples"] = mf["splits"]["train"]["n_examples"]
-    st["05"] = r
-    _say(n, "05", r)
+    st["01"] = stages.run("01", [db, mmseqs_log], [ROOT / "01_prepare_db.py", "--foldseek-db", fsdb, "--out", db,
+                                     "--items-per-shard", a.items_per_shard, "--mmseqs-mode", a.mmseqs_mode,
+                                     *(["--mmseqs", mmseqs] if mmseqs else []),
+                                     *(["--mmseqs-threads", a.mmseqs_threads] if a.mmseqs_threads else [])], _finish_01)
+    st["04"] = stages.run("04", [tok], [ROOT / "04_tokenize.py", "--db", db, "--tokens", "3di", "--out", tok], _finish_04)
+    st["05"] = _train(stages, ROOT, tok, run, a, "05")
     if a.reference:
-        r = _train(work, Path(a.reference), tok, work / "run_ref", a, "05ref", workers=False)
-        st["05ref"] = r
-        _say(n, "05ref", r)
-        shutil.rmtree(work / "run_ref", ignore_errors=True)
+        st["05ref"] = _train(stages, Path(a.reference), tok, work / "run_ref", a, "05ref", workers=False)
     from tokenfold.checkpoint import latest_checkpoint
 
-    ckpt = latest_checkpoint(run)
-    res = work / "06.read.json"
-    r = run_stage(work, "06", [BENCH, "--read-eval", "--checkpoint", ckpt, "--tokens", tok, "--db", db, "--out", ev,
-                               "--result", res])
-    r.update(json.loads(res.read_text()))
-    r.update(rate=(r["proteins"] + r["skipped"]) / max(r["seconds_read"], 1e-9), unit="proteins/s (read)")
-    st["06"] = r
-    _say(n, "06", r)
-    if r["skipped"]:
-        raise RuntimeError(f"stage 06 reading skipped {r['skipped']} proteins (see {r['log']})")
+    st["06"] = stages.run("06", [ev], [BENCH, "--read-eval", "--checkpoint", latest_checkpoint(run), "--tokens", tok,
+                                     "--db", db, "--out", ev, "--result", work / "06.read.json"], _finish_06)
+    if st["06"]["skipped"]:
+        raise RuntimeError(f"stage 06 reading skipped {st['06']['skipped']} proteins (see {st['06']['log']})")
     return out
 
 
@@ -339,9 +412,10 @@ def report(runs: list[dict], fits: dict) -> str:
             x = r["stages"].get(s)
             if x is None:
                 continue
-            cpu = x.get("cpu", (x.get("cpu_self") or 0) + (x.get("cpu_children") or 0))
-            rate = f"{x['rate']:,.0f} {x['unit'].split(' ')[0]}"
-            lines.append(f"{r['entries']:>12,}  {s:5} {x['seconds']:8.0f} {cpu:8.0f} {rate:>26}  "
+            cpu = x["cpu"] if "cpu" in x else (x.get("cpu_self") or 0) + (x.get("cpu_children") or 0)
+            rate = "-" if x["rate"] is None else f"{x['rate']:,.0f} {x['unit'].split(' ')[0]}"
+            sec, cpu = ("-" if v is None else f"{v:.0f}" for v in (x["seconds"], cpu))
+            lines.append(f"{r['entries']:>12,}  {s:5} {sec:>8} {cpu:>8} {rate:>26}  "
                          f"{_mb(x['rss_self']):>10} {_mb(x['anon_self']):>10} {_mb(x['file_self']):>10} "
                          f"{_mb(x['rss_children']):>10}")
     for r in runs:
@@ -390,6 +464,10 @@ def main(argv=None) -> int:
     p.add_argument("--block", type=int, default=250_000, help="entries generated per block of the DB build")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep", action="store_true", help="keep each N's scratch data")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed bench: keep each N's scratch (as --keep), reuse the N already complete in "
+                        "the results file, and in an N's scratch every stage whose earlier run completed; the stages "
+                        "from the first incomplete one on run again from scratch")
     p.add_argument("--reference", default=None, metavar="TREE",
                    help="also run the stage 05 of this older checkout (e.g. `git archive 4b3cbb9`, before issue 14) "
                         "on the same token shards: the named reference for stage 05's memory and start-up")
@@ -408,24 +486,35 @@ def main(argv=None) -> int:
 
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    need = DISK_BYTES_PER_ENTRY * max(a.entries)
+    out_json = Path(a.json or work / "bench_scale.json")
+    done = {}
+    if a.resume and out_json.exists():
+        done = {r["entries"]: r for r in json.loads(out_json.read_text())["runs"]}
+    # scratch still to be written: the largest N, or with kept scratch every N less what is there already
+    todo = [DISK_BYTES_PER_ENTRY * n - (_du(work / f"n{n}") if (work / f"n{n}").exists() else 0)
+            for n in a.entries if n not in done]
+    need = (sum(todo) if a.keep or a.resume else max(todo, default=0))
     free = shutil.disk_usage(work).free
     if need > free:
-        print(f"error: N={max(a.entries):,} needs about {need / 2**30:.0f} GiB of scratch under {work}, "
-              f"{free / 2**30:.0f} GiB free", file=sys.stderr)
+        print(f"error: N = {', '.join(f'{n:,}' for n in a.entries)} need about {need / 2**30:.0f} GiB more "
+              f"scratch under {work}, {free / 2**30:.0f} GiB free", file=sys.stderr)
         return 1
-    out_json = Path(a.json or work / "bench_scale.json")
     runs = []
     print(f"bench_scale: N = {', '.join(f'{n:,}' for n in a.entries)}; scratch {work}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     for n in sorted(a.entries):
         d = work / f"n{n}"
-        shutil.rmtree(d, ignore_errors=True)
-        try:
-            runs.append(bench_one(n, d, a))
-        finally:
-            if not a.keep:
+        if n in done:
+            print(f"  N={n:,}: complete in {out_json}, not run again", flush=True)
+            runs.append(done[n])
+        else:
+            if not a.resume:
                 shutil.rmtree(d, ignore_errors=True)
+            try:
+                runs.append(bench_one(n, d, a))
+            finally:
+                if not (a.keep or a.resume):
+                    shutil.rmtree(d, ignore_errors=True)
         fits = fit(runs)
         out_json.write_text(json.dumps({"runs": runs, "fits": fits, "goal_bytes_per_entry": GOAL_BYTES_PER_ENTRY,
                                         "cpus": os.cpu_count(), "args": vars(a)}, indent=1, default=str))

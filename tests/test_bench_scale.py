@@ -50,19 +50,41 @@ def test_generated_db_is_windows_of_the_shared_chains(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_runs_end_to_end_at_2000_entries(tmp_path):
+def test_bench_runs_end_to_end_at_2000_entries_and_resumes(tmp_path):
     need_shared("foldseek_db")
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--entries", "2000",
-                        "--work", str(tmp_path / "w"), "--items-per-shard", "1000", "--train-seconds", "1",
-                        "--max-tokens", "4096"], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    res = json.loads((tmp_path / "w" / "bench_scale.json").read_text())
+    w = tmp_path / "w"
+
+    def bench(*extra):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--entries", "2000",
+                            "--work", str(w), "--items-per-shard", "1000", "--train-seconds", "1",
+                            "--max-tokens", "4096", *extra], cwd=ROOT, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return r.stdout
+
+    out = bench()
+    res = json.loads((w / "bench_scale.json").read_text())
     (run,) = res["runs"]
     st = run["stages"]
     assert run["entries"] == 2000 and list(st) == ["build", "01", "04", "05", "06"]
     for s in ("01", "04", "05", "06"):
         assert st[s]["rc"] in (0, 124) and st[s]["rss_self"] > 10 * 2**20 and st[s]["seconds"] > 0
+        assert not st[s].get("resumed")
     assert st["01"]["split_method"].startswith("mmseqs easy-linclust") or "hash" in st["01"]["split_method"]
     assert st["04"]["examples"] == 2000 and st["05"]["rc"] == 124 and st["05"]["steps"] >= 1
     assert st["05"]["plan_microbatches"] >= 1 and st["06"]["proteins"] == st["01"]["split"]["test"] > 0
-    assert "peak RSS" in r.stdout and not (tmp_path / "w" / "n2000").exists()   # scratch removed
+    assert "peak RSS" in out and not (w / "n2000").exists()   # scratch removed
+
+    # --resume after a kill during stage 05: build, 01 and 04 are taken from the scratch, 05 and 06 run again
+    bench("--resume", "--json", str(tmp_path / "first.json"))
+    (w / "n2000" / "05.rusage.json").unlink()
+    out = bench("--resume", "--json", str(tmp_path / "second.json"))
+    first, second = (json.loads((tmp_path / f).read_text())["runs"][0]["stages"] for f in ("first.json", "second.json"))
+    assert [s for s in second if second[s].get("resumed")] == ["build", "01", "04"]
+    for s in ("build", "01", "04"):
+        assert second[s] == dict(first[s], resumed=True)
+    assert second["05"]["rc"] == 124 and second["05"]["steps"] >= 1 and second["06"]["proteins"] == first["06"]["proteins"]
+    assert "stage 04: resumed" in out and "stage 05: resumed" not in out
+    # ... and once the N is complete in the results file, it is not run again
+    before = json.loads((tmp_path / "second.json").read_text())["runs"]
+    out = bench("--resume", "--json", str(tmp_path / "second.json"))
+    assert "complete in" in out and json.loads((tmp_path / "second.json").read_text())["runs"] == before
