@@ -211,3 +211,17 @@ def test_cli_exits_nonzero_only_when_nothing_ingested(tmp_path, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: nothing could be ingested")
+
+
+def test_later_duplicates_names_each_repeat_and_its_first():
+    from tokenfold.db_finalize import later_duplicates
+
+    rng = np.random.default_rng(3)
+    ids = np.array([f"P{x}" for x in rng.integers(0, 400, 1000)], dtype="S")   # many ids 2-6 times
+    want, seen = {}, {}
+    for i, x in enumerate(ids.tolist()):
+        if x in seen:
+            want[i] = seen[x]
+        seen.setdefault(x, i)
+    assert later_duplicates(ids) == want and len(want) > 500
+    assert later_duplicates(np.array([b"a", b"b"])) == {} and later_duplicates(ids[:1]) == {}

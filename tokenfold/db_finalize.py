@@ -29,8 +29,25 @@ def _shard_ids(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(ids as fixed-width bytes, lengths) of one shard, without loading its residue arrays."""
     with h5py.File(path, "r") as f:
         ids = f["id"][()]  # bytes objects (vlen UTF-8 read raw)
-        lengths = np.diff(f["offsets"][()])
+        lengths = np.diff(f["offsets"][()]).astype(np.int32)
     return np.array(ids, dtype="S") if len(ids) else np.zeros(0, dtype="S1"), lengths
+
+
+def later_duplicates(ids: np.ndarray) -> dict[int, int]:
+    """{position: position of the first entry with the same id} for every later duplicate in `ids`.
+    One stable argsort and one sorted copy: ~35 bytes per entry on top of `ids` (np.unique with
+    its index and inverse took ~95)."""
+    if len(ids) < 2:
+        return {}
+    perm = np.argsort(ids, kind="stable")
+    same = ids[perm]
+    same = same[1:] == same[:-1]          # sorted position i+1 repeats position i
+    if not same.any():
+        return {}
+    runs = np.flatnonzero(~np.concatenate([[False], same]))   # sorted positions where an id starts
+    later = np.flatnonzero(same) + 1
+    first = perm[runs[np.searchsorted(runs, later, side="right") - 1]]
+    return dict(zip(perm[later].tolist(), first.tolist()))
 
 
 def _write_sequences(out: Path, plan: Plan, include: np.ndarray, fasta: Path, starts: np.ndarray) -> np.ndarray:
@@ -69,8 +86,9 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
     """Merge the shards' reports and rejects, exclude later duplicate ids, split by clusters, write
     split.npy, cluster.npy, rejects.tsv, notes.tsv, report.json/png and, last, manifest.json.
 
-    Memory: the ids (fixed-width bytes), lengths and a 16-byte hash per entry, plus one shard at a
-    time; sequences go to MMseqs2 through a FASTA file streamed shard by shard.
+    Memory: the ids (fixed-width bytes), lengths and a 16-byte hash per entry (freed after the
+    clustering), plus one shard at a time; sequences go to MMseqs2 through a FASTA file streamed shard
+    by shard. Measured: bench/bench_scale.py (README, "At AFDB scale").
     """
     t0 = time.time()
     shard_infos, reports, id_parts, len_parts = [], [], [], []
@@ -95,15 +113,14 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
     del id_parts
 
     # later duplicates of an id are excluded (kept in the shard files, hidden by ProteinDB)
-    _, first_idx, inverse = np.unique(ids, return_index=True, return_inverse=True)
-    first_of = first_idx[inverse.ravel()]
+    first_of = later_duplicates(ids)
+    dups = np.fromiter(first_of, dtype=np.int64, count=len(first_of))
     codes = np.zeros(n, dtype=np.uint8)
-    dups = np.flatnonzero(first_of != np.arange(n))
     codes[dups] = EXCLUDED
     dup_rejects = []
     if len(dups):
         origins = {}
-        for g in np.concatenate([dups, first_of[dups]]).tolist():
+        for g in [*first_of, *first_of.values()]:
             origins.setdefault(g, None)
         for k in range(plan.n_shards):  # origins only of the entries involved
             want = [g for g in origins if starts[k] <= g < starts[k + 1]]
@@ -113,7 +130,7 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
                     for g in want:
                         origins[g] = o[g - starts[k]].decode()
         for g in dups.tolist():
-            j = int(first_of[g])
+            j = first_of[g]
             dup_rejects.append((origins[g], ids[g].decode(), f"duplicate id: same id as entry #{j} from {origins[j]}; excluded (split code 3)"))
     include = codes != EXCLUDED
     included = np.flatnonzero(include)
@@ -124,7 +141,9 @@ def finalize(out: Path, plan: Plan, split_opts: SplitOptions) -> dict:
                              split_opts.threads, split_opts.mmseqs, split_opts.use_mmseqs, split_opts.mmseqs_mode)
     finally:
         fasta.unlink(missing_ok=True)
-    inc_codes = assign_splits(clus.rep, ids[included], split_opts.fractions, split_opts.seed)
+    del hashes
+    inc_codes = assign_splits(clus.rep, ids if len(included) == n else ids[included], split_opts.fractions,
+                              split_opts.seed)
     codes[included] = inc_codes
     cluster = np.full(n, -1, dtype=np.int64)
     cluster[included] = included[clus.rep]

@@ -194,7 +194,8 @@ def assign_splits(rep: np.ndarray, rep_keys: Sequence[str], fractions: Sequence[
     reps, inverse, sizes = np.unique(rep, return_inverse=True, return_counts=True)
     # the seeded visiting order: by (key of the representative, representative); arrays, not tuples,
     # so that tens of millions of clusters cost ~50 bytes each
-    keys = np.fromiter((_cluster_key(seed, rep_keys[r]) for r in reps.tolist()), dtype=np.uint64, count=len(reps))
+    keys = np.fromiter((_cluster_key(seed, rep_keys[r]) for b in range(0, len(reps), 1 << 20)
+                        for r in reps[b: b + (1 << 20)].tolist()), dtype=np.uint64, count=len(reps))
     order = np.lexsort((reps, keys))
     del keys
     f0, f1, f2 = frac.tolist()
