@@ -2,7 +2,7 @@
 """Memory and speed of the pipeline at millions of entries (AFDB50: 66.7M): peak RSS per stage against
 the number of entries N, fitted as bytes per entry, and each stage's throughput.
 
-    python bench/bench_scale.py --entries 1000000 5000000 20000000     # hours on 2 cores; ~37 GB scratch at 20M
+    python bench/bench_scale.py --entries 1000000 5000000 20000000     # ~1.5 h on 2 cores; ~37 GB scratch at 20M
     python bench/bench_scale.py --entries 2000 --train-seconds 5        # a minute (tests/test_bench_scale.py)
 
 For each N, in a scratch directory (``--work``, deleted afterwards unless ``--keep``; ``--resume``
@@ -20,9 +20,9 @@ continues a killed bench where it stopped, stage by stage):
    no generation (that costs the same per protein at any N, and is benched by bench_generate.py).
 
 Every stage runs as its own process through ``--measure`` (the CLI under runpy), which records the
-peak RSS of the stage process itself (``getrusage(RUSAGE_SELF)`` at its exit) and, separately, of its
-children (MMseqs2 for stage 01, DataLoader workers for stage 05). The goal (issue 14): per process,
-memory flat in N or growing by at most ~100 bytes per entry. The reference of the fit is that goal
+peak RSS of the stage process itself (VmHWM at its exit; anonymous and file-backed pages sampled every
+0.2 s) and, separately, of its children (MMseqs2 for stage 01, DataLoader workers for stage 05). The
+goal (issue 14): per process, memory flat in N or growing by at most ~100 bytes per entry. The reference of the fit is that goal
 line, 100 B/entry, and each slope is printed as a ratio to it, with the extrapolation to 66.7M.
 Timings on a shared machine are wall-clock and noisy; CPU seconds are printed too.
 """
