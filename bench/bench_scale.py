@@ -22,8 +22,9 @@ continues a killed bench where it stopped, stage by stage):
 Every stage runs as its own process through ``--measure`` (the CLI under runpy), which records the
 peak RSS of the stage process itself (VmHWM at its exit; anonymous and file-backed pages sampled every
 0.2 s) and, separately, of its children (MMseqs2 for stage 01, DataLoader workers for stage 05). The
-goal (issue 14): per process, memory flat in N or growing by at most ~100 bytes per entry. The reference of the fit is that goal
-line, 100 B/entry, and each slope is printed as a ratio to it, with the extrapolation to 66.7M.
+goal (issue 14): per process, memory flat in N or growing by at most ~100 bytes per entry. The
+reference of the fit is that goal line, 100 B/entry, and each slope is printed as a ratio to it, with
+the extrapolation to 66.7M.
 Timings on a shared machine are wall-clock and noisy; CPU seconds are printed too.
 """
 from __future__ import annotations
@@ -226,17 +227,6 @@ def _clustering_seconds(log: Path) -> float | None:
     return (stamps["finalized"] - stamps["clustering"]) % 86400
 
 
-def _finish_build(work: Path) -> dict:
-    """The generated Foldseek DB's size and residues, read back from its files (a resumed run)."""
-    import numpy as np
-
-    prefix = work / "fsdb" / "scale"
-    lens = np.loadtxt(f"{prefix}.index", dtype=np.int64, usecols=2, ndmin=1)
-    size = sum(Path(f"{prefix}{s}{e}").stat().st_size for s in ("", "_ss", "_ca", "_h") for e in ("", ".index")
-               if Path(f"{prefix}{s}{e}").exists())
-    return {"bytes": size, "residues": int(lens.sum()) - 2 * len(lens)}
-
-
 def _finish_01(work: Path, n: int, r: dict) -> dict:
     db, mmseqs_log = work / "db", work / "mmseqs_time.jsonl"
     man = json.loads((db / "manifest.json").read_text())
@@ -305,7 +295,10 @@ class Stages:
             return r
         self.fresh = True
         for out in outs:
-            shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+            if out.is_dir():
+                shutil.rmtree(out)
+            else:
+                out.unlink(missing_ok=True)
         r = run_stage(self.work, name, argv, stop_after=stop_after)
         r.update(finish(self.work, self.n, r))
         _say(self.n, name, r)
@@ -337,12 +330,8 @@ def bench_one(n: int, work: Path, a) -> dict:
     stages = Stages(work, n, a.resume)
     built = work / "build.json"
     fsdb = work / "fsdb" / "scale"
-    if a.resume and Path(f"{fsdb}.index").exists() and (built.exists() or (work / "01.rusage.json").exists()):
-        # a DB built before build.json was recorded (an older bench): its size from its files, untimed
-        st["build"] = json.loads(built.read_text()) if built.exists() else {
-            "seconds": None, "cpu": None, "rate": None, "unit": "entries/s", **_finish_build(work),
-            "rss_self": None, "anon_self": None, "file_self": None, "rss_children": None}
-        st["build"]["resumed"] = True
+    if a.resume and built.exists():
+        st["build"] = dict(json.loads(built.read_text()), resumed=True)
     else:
         stages.fresh = True
         t, c = time.time(), time.process_time()
@@ -412,10 +401,9 @@ def report(runs: list[dict], fits: dict) -> str:
             x = r["stages"].get(s)
             if x is None:
                 continue
-            cpu = x["cpu"] if "cpu" in x else (x.get("cpu_self") or 0) + (x.get("cpu_children") or 0)
-            rate = "-" if x["rate"] is None else f"{x['rate']:,.0f} {x['unit'].split(' ')[0]}"
-            sec, cpu = ("-" if v is None else f"{v:.0f}" for v in (x["seconds"], cpu))
-            lines.append(f"{r['entries']:>12,}  {s:5} {sec:>8} {cpu:>8} {rate:>26}  "
+            cpu = x.get("cpu", (x.get("cpu_self") or 0) + (x.get("cpu_children") or 0))
+            rate = f"{x['rate']:,.0f} {x['unit'].split(' ')[0]}"
+            lines.append(f"{r['entries']:>12,}  {s:5} {x['seconds']:8.0f} {cpu:8.0f} {rate:>26}  "
                          f"{_mb(x['rss_self']):>10} {_mb(x['anon_self']):>10} {_mb(x['file_self']):>10} "
                          f"{_mb(x['rss_children']):>10}")
     for r in runs:

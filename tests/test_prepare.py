@@ -227,15 +227,15 @@ def test_later_duplicates_names_each_repeat_and_its_first():
     assert later_duplicates(np.array([b"a", b"b"])) == {} and later_duplicates(ids[:1]) == {}
 
 
-def test_finalize_reads_shard_ids_whole(tmp_path, longest=300):
+def test_finalize_reads_shard_ids_whole(tmp_path):
     import h5py
 
     from tokenfold.db_finalize import _shard_ids
 
-    ids = ["a", "P12345_B", "é" * 3, "x" * longest]
+    ids = ["a", "P12345_B", "é" * 3, "x" * 300]
     with h5py.File(tmp_path / "s.h5", "w") as f:
         f.create_dataset("id", data=ids, dtype=h5py.string_dtype("utf-8"))
         f.create_dataset("offsets", data=np.array([0, 5, 9, 9, 20], dtype=np.int64))
     got, lengths = _shard_ids(tmp_path / "s.h5")
-    assert [x.decode() for x in got.tolist()] == ids and got.dtype.itemsize == longest
+    assert [x.decode() for x in got.tolist()] == ids and got.dtype.itemsize == 300
     assert lengths.tolist() == [5, 4, 0, 11]

@@ -36,8 +36,8 @@ def _shard_ids(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def later_duplicates(ids: np.ndarray) -> dict[int, int]:
     """{position: position of the first entry with the same id} for every later duplicate in `ids`.
-    One stable argsort and one sorted copy: ~35 bytes per entry on top of `ids` (np.unique with
-    its index and inverse took ~95)."""
+    One stable argsort and one sorted copy: +31 bytes per entry on top of `ids` at 10M entries
+    (np.unique with its index and inverse: +100 at 2M; measured)."""
     if len(ids) < 2:
         return {}
     perm = np.argsort(ids, kind="stable")
